@@ -1,0 +1,130 @@
+"""Command line: `python -m launcher {run,validate,demo,reference} ...`.
+
+Exit codes: 0 success; 1 the training ran and failed (result.json says why); 2 the job was refused
+before training (bad config, missing file, bad data). A refused job prints one message, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from launcher.config import ConfigError, load_config, parse_override
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors are refusals too
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m launcher", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Exit codes: 0 success, 1 training failed, 2 job refused before training.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def job_command(name: str, help_text: str):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("job", help="the job file (TOML)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a job key, typed like TOML: --set hyperparams.learning_rate=1e-4 (repeatable)")
+        return sub
+
+    job_command("run", "Train the job (starts `accelerate launch` itself when [launch] asks for several processes).")
+    job_command("validate", "Check config, model, tokenizer, data and masks without training; print a data report.")
+    demo = commands.add_parser("demo", help="Build the tiny offline model and train the example job on it.")
+    demo.add_argument("--model-dir", default=str(REPO_ROOT / "examples" / "tiny-model"))
+    demo.add_argument("--job", default=str(REPO_ROOT / "examples" / "demo_job.toml"))
+    demo.add_argument("--build-only", action="store_true", help="only build the tiny model")
+    commands.add_parser("reference", help="Print the job-file reference (markdown) from the config docstrings.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "reference":
+            from launcher.config import reference_markdown
+
+            print(reference_markdown())
+            return EXIT_OK
+        if args.command == "demo":
+            return _demo(args)
+        overrides = dict(parse_override(item) for item in args.overrides)
+        config = load_config(args.job, overrides=overrides)
+        if args.command == "validate":
+            return _validate(config)
+        return _run(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def _run(config) -> int:
+    from launcher.run import run_job
+
+    result = run_job(config)
+    if _is_main_process():
+        print(json.dumps({k: v for k, v in json.loads(result.to_json()).items() if k != "summary"}, indent=2))
+        if not result.success:
+            print(f"error: training failed: {result.error}", file=sys.stderr)
+    return EXIT_OK if result.success else EXIT_FAILED
+
+
+def _validate(config) -> int:
+    from loop.validate import validate_job
+
+    print(validate_job(config))
+    return EXIT_OK
+
+
+def _demo(args) -> int:
+    from launcher.demo import build_tiny_model, corpus_from_jsonl
+
+    data = REPO_ROOT / "examples" / "data" / "chat.jsonl"
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        build_tiny_model(model_dir, extra_text=corpus_from_jsonl(data) if data.exists() else "")
+        print(f"built the tiny model in {model_dir}")
+    if args.build_only:
+        return EXIT_OK
+    config = load_config(args.job)
+    print(f"training {args.job} ...")
+    return _run(config)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "datasets", "DeepSpeed", "torch.distributed", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

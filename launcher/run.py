@@ -1,0 +1,113 @@
+"""`run_job`: run a validated job here, or start Accelerate's launcher to run it on several processes.
+
+Inside a distributed launch (`accelerate launch`, torchrun, or SLURM's srun) every process runs the
+loop and returns a `TrainingResult`; the main process's is complete and written to `result.json`.
+Outside one, a job that asks for more than one process (or names an Accelerate config) is handed to
+the real `accelerate launch` CLI running `-m launcher run` on the resolved job; this process waits
+and returns the result the main rank wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from launcher.config import ConfigError, JobConfig, cuda_available
+from launcher.result import TrainingResult, write_atomic
+
+HANDOFF_ENV = "TRAINER_ENGINE_HANDOFF_DIR"  # where a launched job leaves its result or its refusal
+RESULT_NAME, REFUSAL_NAME = "result.json", "refusal.txt"
+
+
+def in_distributed_launch() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ or HANDOFF_ENV in os.environ
+
+
+def should_launch(config: JobConfig) -> bool:
+    return not in_distributed_launch() and (config.launch.num_processes > 1 or bool(config.launch.accelerate_config))
+
+
+def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
+    """Run the job and return its result; raises `ConfigError` if the job is refused before training."""
+    if should_launch(config):
+        return launch(config)
+    _adopt_slurm_environment()
+    from loop.train import train
+
+    try:
+        result = train(config, status_writer=status_writer)
+    except ConfigError as error:
+        _hand_off(REFUSAL_NAME, str(error))
+        raise
+    _hand_off(RESULT_NAME, result.to_json())
+    return result
+
+
+def _hand_off(name: str, text: str) -> None:
+    folder = os.environ.get(HANDOFF_ENV)
+    if folder and int(os.environ.get("RANK", "0")) == 0:
+        write_atomic(Path(folder) / name, text)
+
+
+def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command line and environment for this job."""
+    launch_cfg = config.launch
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = dict(os.environ)
+    if launch_cfg.accelerate_config:
+        command += ["--config_file", launch_cfg.accelerate_config]
+    else:
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if launch_cfg.num_processes > 1:
+            command += ["--multi_gpu"]
+    if launch_cfg.accelerate_config and "deepspeed" in Path(launch_cfg.accelerate_config).name:
+        pass  # DeepSpeed picks its CPU accelerator by itself; forcing Accelerate's CPU mode would drop it
+    elif not cuda_available():
+        # Without this Accelerate starts N processes that each believe they are alone (ENVIRONMENT.md).
+        env["ACCELERATE_USE_CPU"] = "1"
+    command += ["--num_processes", str(launch_cfg.num_processes),
+                "--main_process_port", str(launch_cfg.main_process_port or _free_port())]
+    command += ["-m", "launcher", "run", str(job_file)]
+    return command, env
+
+
+def launch(config: JobConfig) -> TrainingResult:
+    """Start `accelerate launch` on this job, stream its output, wait, and return its result."""
+    with tempfile.TemporaryDirectory(prefix="trainer-engine-") as handoff:
+        job_file = Path(handoff) / "job.toml"
+        job_file.write_text(config.to_toml(), encoding="utf-8")
+        command, env = launch_command(config, job_file)
+        env[HANDOFF_ENV] = handoff
+        completed = subprocess.run(command, env=env, check=False)
+        refusal, result_file = Path(handoff) / REFUSAL_NAME, Path(handoff) / RESULT_NAME
+        if refusal.exists():
+            raise ConfigError(refusal.read_text(encoding="utf-8"))
+        if result_file.exists():
+            result = TrainingResult.read(result_file)
+            if completed.returncode != 0 and result.success:
+                result.success = False
+                result.error = f"a process exited with code {completed.returncode} after training"
+            return result
+    return TrainingResult(success=False, error=f"accelerate launch exited with code {completed.returncode} "
+                                               "before a result was written; see its output above")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _adopt_slurm_environment() -> None:
+    """Under `srun` without torchrun, map SLURM's variables to the ones torch.distributed reads."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if "MASTER_ADDR" not in os.environ:
+        return  # not set up for a direct srun launch; the sbatch example uses accelerate launch per node
+    os.environ.update(WORLD_SIZE=os.environ["SLURM_NTASKS"], RANK=os.environ["SLURM_PROCID"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("MASTER_PORT", "29500")

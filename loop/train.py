@@ -1,0 +1,358 @@
+"""The training loop: one function, read top to bottom, the same on one process and many.
+
+    from launcher import load_config
+    from loop.train import train
+    result = train(load_config("job.toml"))   # or: accelerate launch -m launcher run job.toml
+
+Builders sit above `train`; `fit` is the loop. Each optimizer step does, in order: take the
+accumulation window, forward/backward each micro-batch, clip, check for non-finite values, step,
+log, maybe evaluate, maybe save. Accelerate hides the process count, DDP/DeepSpeed/FSDP wrapping
+and autocast, so the loop never branches on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from launcher.config import JobConfig
+from launcher.result import TrainingResult, write_atomic
+from loop.checkpoint import Checkpointer, Progress, RunShape
+from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
+from loop.model import build_model, save_final_model
+from loop.status import MetricsLog, StatusFile
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient norm; the step that produced it is never applied."""
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+def build_accelerator(config: JobConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    h = config.hyperparams
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # gloo on CPU machines (DeepSpeed included: its CPU accelerator runs over gloo, ENVIRONMENT.md).
+    backend = "gloo" if distributed and not torch.cuda.is_available() else None
+    process_group = InitProcessGroupKwargs(timeout=timedelta(minutes=config.launch.timeout_minutes), backend=backend)
+    return Accelerator(
+        mixed_precision=MIXED_PRECISION[h.fp_precision],
+        gradient_accumulation_steps=h.gradient_accumulation,
+        # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise
+        # step it once per process, for schedules built in single-process steps.
+        step_scheduler_with_optimizer=False,
+        log_with=config.environment.report_to or None,
+        project_dir=config.output.output_dir,
+        kwargs_handlers=[process_group],
+    )
+
+
+def build_optimizer(model, config: JobConfig) -> torch.optim.Optimizer:
+    """AdamW, with no weight decay on biases and norm weights (the 1-D parameters)."""
+    h = config.hyperparams
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = torch.cuda.is_available()  # fused AdamW kernels exist for CUDA tensors
+    return torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon,
+                             fused=fused or None)
+
+
+def build_scheduler(optimizer, config: JobConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    h = config.hyperparams
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[h.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=total_steps)
+
+
+# --- the pieces of a step -----------------------------------------------------------------------
+
+def summed_token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token cross-entropy over supervised tokens, per row; supervised tokens per row)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def count_tokens(window: list[dict]) -> tuple[int, int]:
+    """(supervised tokens, non-padding input tokens) of a window on this process."""
+    supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in window)
+    return supervised, inputs
+
+
+def windows(loader, accelerator, accumulation: int, start_epoch: int, start_batch: int):
+    """Yield (epoch, up to `accumulation` micro-batches) forever; a window never spans two epochs.
+
+    Starts at `start_batch` of `start_epoch` without replaying the batches before it: the sampler's
+    order depends only on (seed, epoch), and Accelerate skips batch indices, not data.
+    """
+    for epoch in itertools.count(start_epoch):
+        epoch_loader = loader
+        if epoch == start_epoch and start_batch:
+            epoch_loader = accelerator.skip_first_batches(loader, start_batch)
+        epoch_loader.set_epoch(epoch)
+        batches = iter(epoch_loader)
+        while window := list(itertools.islice(batches, accumulation)):
+            yield epoch, window
+
+
+def evaluate(model, loader, accelerator) -> float:
+    """Token-weighted validation loss over all processes (padding rows Accelerate adds are dropped)."""
+    model.eval()
+    loss_sum, num_tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            row_losses, row_tokens = summed_token_loss(model, batch)
+            row_losses, row_tokens = accelerator.gather_for_metrics((row_losses, row_tokens))
+            loss_sum += float(row_losses.sum())
+            num_tokens += int(row_tokens.sum())
+    model.train()
+    return loss_sum / max(num_tokens, 1)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class Window:
+    """Running sums of the current logging window, for token-weighted metrics."""
+
+    first_step: int
+    started: float
+    loss_sum: float = 0.0
+    num_tokens: int = 0
+    num_input_tokens: int = 0
+
+    def loss(self) -> float | None:
+        return self.loss_sum / self.num_tokens if self.num_tokens else None
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def train(config: JobConfig, *, status_writer=None, accelerator=None) -> TrainingResult:
+    """Train as configured on this process (one of many under a distributed launch).
+
+    Raises `ConfigError` (and its subclasses for data, model and resume problems) before anything
+    is written to `output_dir`; a failure during training returns `TrainingResult(success=False)`.
+    """
+    from accelerate.utils import set_seed
+
+    started = time.time()
+    accelerator = accelerator or build_accelerator(config)
+    h, output_dir = config.hyperparams, config.output_path
+    set_seed(h.seed)  # before the model and the data loader are built, so every rank agrees
+
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(config, tokenizer, main_process_first=accelerator.main_process_first)
+    model = build_model(config, tokenizer)
+    train_loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
+                                    batch_size=h.batch_size)
+    eval_loader = None
+    if data.validation is not None:
+        eval_loader = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=h.batch_size)
+    optimizer = build_optimizer(model, config)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    total_steps = config.total_steps(len(train_loader))
+    scheduler = accelerator.prepare(build_scheduler(optimizer, config, total_steps))
+
+    shape = RunShape(batch_size=h.batch_size, gradient_accumulation=h.gradient_accumulation,
+                     world_size=accelerator.num_processes, num_train_examples=len(data.train), seed=h.seed)
+    checkpointer = Checkpointer(accelerator, output_dir, save_steps=h.save_steps,
+                                save_total_limit=h.save_total_limit, shape=shape)
+    resume_from = checkpointer.resolve_resume(config.output.resume, overwrite=config.output.overwrite)
+    progress = checkpointer.load(resume_from) if resume_from else Progress()
+    # Everything above may refuse the job; only from here on is output_dir written.
+
+    is_main = accelerator.is_main_process
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "job.toml", config.to_toml())
+    checkpointer.remove_incomplete()
+    status = StatusFile(output_dir / "status.json" if is_main else None,
+                        forward=getattr(status_writer, "write", status_writer))
+    metrics = MetricsLog(output_dir / "metrics.jsonl" if is_main else None,
+                         keep_until_step=progress.step if resume_from else None)
+    status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
+    if resume_from:
+        logger.info("resuming from %s at step %d", resume_from, progress.step)
+    if config.environment.report_to:
+        accelerator.init_trackers("trainer-engine", config=_flat_config(config))
+
+    summary = {"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
+               "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None}
+    try:
+        final_loss, eval_loss = fit(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
+                                    checkpointer, progress, total_steps, status, metrics, started)
+        final_dir = save_final_model(accelerator, model, tokenizer, output_dir)
+        summary.update(final_model=str(final_dir))
+        result = TrainingResult(success=True, final_loss=final_loss)
+        status.update(status="completed", current_step=progress.step, eta_sec=0.0)
+    except Exception as error:  # a failed run is a result, not an exception (see the contract)
+        logger.error("training failed at step %d: %s", progress.step, error)
+        eval_loss = None
+        result = TrainingResult(success=False, error=f"{type(error).__name__}: {error}")
+        status.update(status="failed", error_message=result.error)
+    finally:
+        if config.environment.report_to:
+            accelerator.end_training()
+
+    elapsed = time.time() - started
+    result.global_step = progress.step
+    result.runtime_sec = elapsed
+    result.last_checkpoint_path = str(checkpointer.last_path) if checkpointer.last_path else None
+    result.summary = {**summary, "train_loss": result.final_loss, "eval_loss": eval_loss,
+                      "num_train_tokens": progress.num_tokens, "num_input_tokens": progress.num_input_tokens,
+                      "tokens_per_sec": progress.num_tokens / elapsed if elapsed else 0.0,
+                      "peak_memory_bytes": peak_memory_bytes(), "total_steps": total_steps}
+    if is_main:
+        result.write(output_dir / "result.json")
+    return result
+
+
+def fit(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader, checkpointer,
+        progress: Progress, total_steps: int, status: StatusFile, metrics: MetricsLog, started: float):
+    """Run optimizer steps until `total_steps`; returns (last logged train loss, last eval loss)."""
+    h, env = config.hyperparams, config.environment
+    world_size = accelerator.num_processes
+    batches_per_epoch = len(train_loader)
+    steps = windows(train_loader, accelerator, h.gradient_accumulation, progress.epoch, progress.batches_in_epoch)
+    bar = _progress_bar(accelerator, total_steps, progress.step)
+    logged, final_loss, eval_loss = Window(progress.step, time.time()), None, None
+    model.train()
+
+    while progress.step < total_steps:
+        # 1. Take the whole accumulation window first, so its supervised tokens can be counted
+        #    on every process before any backward pass.
+        epoch, window = next(steps)
+        if epoch != progress.epoch:
+            progress.epoch, progress.batches_in_epoch = epoch, 0
+        num_tokens, num_input_tokens = count_tokens(window)
+        totals = accelerator.reduce(torch.tensor([num_tokens, num_input_tokens], device=accelerator.device), "sum")
+        global_tokens, global_input_tokens = int(totals[0]), int(totals[1])
+
+        # 2. Forward and backward per micro-batch. The step's loss is sum(token losses over the window
+        #    and all processes) / global_tokens. Accelerate divides each backward by the accumulation
+        #    steps and DDP averages gradients over processes, so scaling each micro-batch's summed loss
+        #    by accumulation * world_size / global_tokens leaves exactly that token mean.
+        scale = h.gradient_accumulation * world_size / max(global_tokens, 1)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for index, batch in enumerate(window):
+            is_last = index == len(window) - 1
+            # Gradients are synchronised on the window's last micro-batch only. We prefetch, so
+            # we tell Accelerate where the window ends instead of letting it count batches (as
+            # transformers' Trainer does).
+            accelerator.gradient_state._set_sync_gradients(is_last)
+            with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+                row_losses, _ = summed_token_loss(model, batch)
+                micro_loss = row_losses.sum()
+                accelerator.backward(micro_loss * scale)
+            loss_sum += micro_loss.detach()
+        loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_tokens, 1)
+
+        # 3. Clip, refuse non-finite values before they reach the weights, step.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and h.fp_precision != "fp16"):
+            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
+                                 f"{progress.step + 1}: loss={loss}, grad_norm={grad_norm}; the step was not "
+                                 "applied. Lower hyperparams.learning_rate or check the data.")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        progress.step += 1
+        progress.batches_in_epoch += len(window)
+        progress.num_tokens += global_tokens
+        progress.num_input_tokens += global_input_tokens
+        logged.loss_sum += loss * global_tokens
+        logged.num_tokens += global_tokens
+        logged.num_input_tokens += global_input_tokens
+        is_last_step = progress.step == total_steps
+
+        # 4. Log, evaluate, save.
+        if progress.step % env.logging_steps == 0 or is_last_step:
+            final_loss = logged.loss()
+            seconds = max(time.time() - logged.started, 1e-9)
+            record = {
+                "step": progress.step,
+                "epoch": progress.epoch + progress.batches_in_epoch / max(batches_per_epoch, 1),
+                "loss": final_loss, "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "num_tokens": progress.num_tokens, "tokens_per_sec": logged.num_tokens / seconds,
+                "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": time.time() - started,
+            }
+            metrics.write(record)
+            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=progress.step)
+            eta = (total_steps - progress.step) * seconds / max(progress.step - logged.first_step, 1)
+            status.update(current_step=progress.step, epoch=record["epoch"], loss=final_loss,
+                          learning_rate=record["learning_rate"], tokens_per_sec=record["tokens_per_sec"], eta_sec=eta)
+            _report(bar, accelerator, record, eta)
+            logged = Window(progress.step, time.time())
+        should_eval = eval_loader is not None and (
+            is_last_step or (h.eval_steps > 0 and progress.step % h.eval_steps == 0))
+        if should_eval:
+            eval_loss = evaluate(model, eval_loader, accelerator)
+            metrics.write({"step": progress.step, "eval_loss": eval_loss})
+            accelerator.log({"eval/loss": eval_loss}, step=progress.step)
+            status.update(validation_loss=eval_loss)
+        checkpointer.maybe_save(progress)
+
+    if bar is not None:
+        bar.close()
+    return final_loss, eval_loss
+
+
+def _progress_bar(accelerator, total_steps: int, initial: int):
+    """tqdm on the main process when stderr is a terminal; plain log lines otherwise."""
+    if not accelerator.is_main_process or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _report(bar, accelerator, record: dict, eta: float) -> None:
+    if bar is not None:
+        bar.n = record["step"]
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        bar.refresh()
+    elif accelerator.is_main_process:
+        logger.info("step %d  loss %.4f  lr %.3g  grad_norm %.3f  tokens/s %.0f  eta %.0fs", record["step"],
+                    record["loss"], record["learning_rate"], record["grad_norm"], record["tokens_per_sec"], eta)
+
+
+def _flat_config(config: JobConfig) -> dict:
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
