@@ -254,7 +254,8 @@ class JobConfig:
         if h.max_steps > 0:
             return h.max_steps
         steps_per_epoch = math.ceil(num_train_batches_per_process / h.gradient_accumulation)
-        return max(1, math.ceil(steps_per_epoch * h.num_epochs))
+        # Rounded first so float noise cannot add a step (100 * 0.07 is 7.000000000000001).
+        return max(1, math.ceil(round(steps_per_epoch * h.num_epochs, 9)))
 
     @property
     def output_path(self) -> Path:
@@ -276,8 +277,10 @@ class JobConfig:
 REQUIRED = ("model.model_path", "data.dataset_path", "output.output_dir")
 PATH_KEYS = (
     "model.model_path", "model.tokenizer_path", "data.dataset_path", "data.validation_path",
-    "data.cache_dir", "output.output_dir", "launch.accelerate_config",
+    "data.cache_dir", "data.chat_template", "output.output_dir", "output.resume", "launch.accelerate_config",
 )
+# Values of path keys that are names, not paths.
+PATH_KEY_NAMES = {"data.chat_template": ("chatml",), "output.resume": ("auto", "never")}
 
 
 def _sections() -> list[dataclasses.Field]:
@@ -286,6 +289,10 @@ def _sections() -> list[dataclasses.Field]:
 
 def _section_class(name: str) -> type:
     return {f.name: f.default_factory for f in _sections()}[name]
+
+
+def _section_keys(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_section_class(name))]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -306,7 +313,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML forbids a bare DEL
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
@@ -348,7 +355,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers", bool: "booleans"}[item]
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
 
 
@@ -379,6 +387,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 def _check_range(value: Any, meta: Any) -> str | None:
     if not meta or not isinstance(value, (int, float)):
         return None
+    if not math.isfinite(value):
+        return "must be a finite number"
     ge, gt, le, lt = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("lt")
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or \
             (le is not None and value > le) or (lt is not None and value >= lt):
@@ -454,13 +464,18 @@ def config_from_dict(raw: dict[str, Any], *, overrides: dict[str, Any] | None = 
     origin: dict[str, str] = {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        if section not in section_names or not key:
+        if section in section_names and not key:
+            example = f"{section}.{_section_keys(section)[0]}=..."
+            problems.append(f"--set {dotted}: expected SECTION.KEY=VALUE, e.g. --set {example}")
+            continue
+        if section not in section_names:
             problems.append(f"--set {dotted}: unknown section `{section}`; {_suggest(section, section_names, 'sections')}")
             continue
         values.setdefault(section, {})[key] = value
         origin[dotted] = "--set "
 
     sections: dict[str, Any] = {}
+    failed: set[str] = set()  # keys already reported; later rules must not report them again
     for name in section_names:
         cls = _section_class(name)
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -476,18 +491,20 @@ def config_from_dict(raw: dict[str, Any], *, overrides: dict[str, Any] | None = 
             ok, converted = _coerce(value, hints[key])
             if not ok:
                 problems.append(f"{label}: expected {_type_name(hints[key])}, got {_show(value)}")
+                failed.add(dotted)
                 continue
             bad_range = _check_range(converted, fields[key].metadata)
             if bad_range:
                 problems.append(f"{label}: {bad_range}, got {_show(value)}")
+                failed.add(dotted)
                 continue
             accepted[key] = converted
         sections[name] = cls(**accepted)
 
     config = JobConfig(**sections, source=str(source_path or ""))
-    if not problems:
-        _resolve_paths(config, source_path.parent if source_path else Path.cwd())
-        problems += _cross_field_problems(config, where, check_environment)
+    # Keys that failed above keep their defaults here, so every remaining problem is found too.
+    _resolve_paths(config, source_path.parent if source_path else Path.cwd())
+    problems += _cross_field_problems(config, where, check_environment, failed)
     if problems:
         header = f"{source_path}: " if source_path else ""
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
@@ -504,7 +521,7 @@ def _resolve_paths(config: JobConfig, base: Path) -> None:
         section, key = dotted.split(".")
         obj = getattr(config, section)
         value = getattr(obj, key)
-        if not value:
+        if not value or value in PATH_KEY_NAMES.get(dotted, ()):
             continue
         expanded = Path(os.path.expanduser(value))
         if dotted in ("model.model_path", "model.tokenizer_path") and not expanded.is_absolute() \
@@ -531,12 +548,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _cross_field_problems(config: JobConfig, where, check_environment: bool) -> list[str]:
+def _cross_field_problems(config: JobConfig, where, check_environment: bool, failed: set[str]) -> list[str]:
     """Rules that involve more than one key or the machine; all are reported together."""
     problems = []
     for dotted in REQUIRED:
         section, key = dotted.split(".")
-        if not getattr(getattr(config, section), key):
+        if dotted not in failed and not getattr(getattr(config, section), key):
             problems.append(f"{where(dotted)}: required; set it in [{section}]")
     h, data, lora = config.hyperparams, config.data, config.lora
     if h.max_steps <= 0 and h.num_epochs <= 0:
@@ -593,6 +610,7 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             default = _toml_value(getattr(instance, f.name))
             required = f"{section.name}.{f.name}" in REQUIRED
-            out.append(f"| `{f.name}` | {'required' if required else f'`{default}`'} | {docs.get(f.name, '')} |")
+            doc = docs.get(f.name, "").replace("|", "\\|")  # a bare `|` would end the table cell
+            out.append(f"| `{f.name}` | {'required' if required else f'`{default}`'} | {doc} |")
         out.append("")
     return "\n".join(out)
