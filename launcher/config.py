@@ -588,12 +588,46 @@ def _cross_field_problems(config: JobConfig, where, check_environment: bool, fai
             and not Path(data.chat_template).is_file():
         problems.append(f"{where('data.chat_template')}: expected \"chatml\" or a template file; "
                         f"file not found: {data.chat_template}")
+    if config.launch.accelerate_config and check_environment and Path(config.launch.accelerate_config).is_file():
+        problems += _accelerate_config_problems(config, where)
     allowed_trackers = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
                         "swanlab", "trackio"}
     for tracker in config.environment.report_to:
         if tracker not in allowed_trackers:
             problems.append(f"{where('environment.report_to')}: unknown tracker {tracker!r}; "
                             f"{_suggest(tracker, sorted(allowed_trackers))}")
+    return problems
+
+
+def _accelerate_config_problems(config: JobConfig, where) -> list[str]:
+    """The Accelerate file may not contradict the job: batch, accumulation, clipping and precision are the job's."""
+    import yaml
+
+    path, h = config.launch.accelerate_config, config.hyperparams
+    label = where("launch.accelerate_config")
+    try:
+        launch_file = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        return [f"{label}: cannot read {path} as YAML ({error})"]
+    if not isinstance(launch_file, dict):
+        return [f"{label}: {path} is not an Accelerate config (expected a YAML mapping)"]
+    problems = []
+    precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[h.fp_precision]
+    if launch_file.get("mixed_precision", "no") not in ("no", precision):
+        problems.append(f"{label}: {path} sets mixed_precision: {launch_file['mixed_precision']} but the job's "
+                        f"hyperparams.fp_precision is {h.fp_precision!r}; set mixed_precision: \"no\" in the file "
+                        "and choose the precision in the job")
+    deepspeed = launch_file.get("deepspeed_config") or {}
+    job_values = {"gradient_accumulation_steps": (h.gradient_accumulation, "hyperparams.gradient_accumulation"),
+                  "gradient_clipping": (h.max_grad_norm, "hyperparams.max_grad_norm")}
+    for key, (value, job_key) in job_values.items():
+        given = deepspeed.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            problems.append(f"{label}: {path} sets deepspeed_config.{key}: {given} but the job's {job_key} is "
+                            f"{value}; set it to auto so the job decides")
+    if launch_file.get("distributed_type") == "MULTI_CPU":
+        problems.append(f"{label}: distributed_type MULTI_CPU makes Accelerate expect mpirun; use "
+                        "accelerate_configs/multi_cpu.yaml (MULTI_GPU processes that train on CPU)")
     return problems
 
 

@@ -54,25 +54,38 @@ def _hand_off(name: str, text: str) -> None:
 
 
 def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[str, str]]:
-    """The `accelerate launch` command line and environment for this job."""
+    """The `accelerate launch` command line and environment for this job.
+
+    With an Accelerate config file, the file decides the topology; `[launch] num_processes` > 1
+    overrides its process count. Without one, the job's process count runs as DDP on this machine.
+    """
     launch_cfg = config.launch
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
-    if launch_cfg.accelerate_config:
-        command += ["--config_file", launch_cfg.accelerate_config]
+    config_file = launch_cfg.accelerate_config
+    if config_file:
+        command += ["--config_file", config_file]
     else:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if launch_cfg.num_processes > 1:
             command += ["--multi_gpu"]
-    if launch_cfg.accelerate_config and "deepspeed" in Path(launch_cfg.accelerate_config).name:
-        pass  # DeepSpeed picks its CPU accelerator by itself; forcing Accelerate's CPU mode would drop it
-    elif not cuda_available():
+    if launch_cfg.num_processes > 1 or not config_file:
+        command += ["--num_processes", str(launch_cfg.num_processes)]
+    uses_deepspeed = bool(config_file) and _is_deepspeed_config(config_file)
+    if not cuda_available() and not uses_deepspeed:
         # Without this Accelerate starts N processes that each believe they are alone (ENVIRONMENT.md).
+        # DeepSpeed is left alone: it finds its CPU accelerator itself, and CPU mode would drop it.
         env["ACCELERATE_USE_CPU"] = "1"
-    command += ["--num_processes", str(launch_cfg.num_processes),
-                "--main_process_port", str(launch_cfg.main_process_port or _free_port())]
+    command += ["--main_process_port", str(launch_cfg.main_process_port or _free_port())]
     command += ["-m", "launcher", "run", str(job_file)]
     return command, env
+
+
+def _is_deepspeed_config(path: str) -> bool:
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        return (yaml.safe_load(handle) or {}).get("distributed_type") == "DEEPSPEED"
 
 
 def launch(config: JobConfig) -> TrainingResult:

@@ -46,15 +46,21 @@ class NonFiniteError(RuntimeError):
 # --- builders -----------------------------------------------------------------------------------
 
 def build_accelerator(config: JobConfig):
+    """The Accelerator for this job: precision, accumulation and process group from the job file."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     h = config.hyperparams
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # gloo on CPU machines (DeepSpeed included: its CPU accelerator runs over gloo, ENVIRONMENT.md).
-    backend = "gloo" if distributed and not torch.cuda.is_available() else None
-    process_group = InitProcessGroupKwargs(timeout=timedelta(minutes=config.launch.timeout_minutes), backend=backend)
-    return Accelerator(
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Several processes without CUDA: gloo, and CPU mode so Accelerate shards data and wraps DDP
+    # (without it every rank trains alone on everything, ENVIRONMENT.md). DeepSpeed keeps cpu=False:
+    # its CPU accelerator runs over gloo by itself, and cpu=True would silently drop it.
+    on_cpu = world_size > 1 and not torch.cuda.is_available()
+    process_group = InitProcessGroupKwargs(timeout=timedelta(minutes=config.launch.timeout_minutes),
+                                           backend="gloo" if on_cpu else None)
+    accelerator = Accelerator(
+        cpu=on_cpu and not uses_deepspeed,
         mixed_precision=MIXED_PRECISION[h.fp_precision],
         gradient_accumulation_steps=h.gradient_accumulation,
         # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise
@@ -64,6 +70,15 @@ def build_accelerator(config: JobConfig):
         project_dir=config.output.output_dir,
         kwargs_handlers=[process_group],
     )
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"WORLD_SIZE is {world_size} but Accelerate set up {accelerator.num_processes} process(es): every rank "
+            "would train alone on all the data. Launch with `python -m launcher run` or `accelerate launch "
+            "--multi_gpu` (on CPU machines set ACCELERATE_USE_CPU=1).")
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = h.max_grad_norm  # the job decides, not a default
+    return accelerator
 
 
 def build_optimizer(model, config: JobConfig) -> torch.optim.Optimizer:
@@ -179,11 +194,13 @@ def train(config: JobConfig, *, status_writer=None, accelerator=None) -> Trainin
     if data.validation is not None:
         eval_loader = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=h.batch_size)
     optimizer = build_optimizer(model, config)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # Accelerate gives each process ceil(batches / processes) batches (it repeats a few at the end
+    # so every process takes the same number of steps).
+    total_steps = config.total_steps(math.ceil(len(train_loader) / accelerator.num_processes))
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    total_steps = config.total_steps(len(train_loader))
-    scheduler = accelerator.prepare(build_scheduler(optimizer, config, total_steps))
 
     shape = RunShape(batch_size=h.batch_size, gradient_accumulation=h.gradient_accumulation,
                      world_size=accelerator.num_processes, num_train_examples=len(data.train), seed=h.seed)
