@@ -1,4 +1,4 @@
-"""Command line: `python -m launcher {run,validate,demo,reference} ...`.
+"""Command line: `python -m launcher {run,validate,status,report,demo,reference} ...`.
 
 Exit codes: 0 success; 1 the training ran and failed (result.json says why); 2 the job was refused
 before training (bad config, missing file, bad data). A refused job prints one message, never a
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--job", default=str(REPO_ROOT / "examples" / "demo_job.toml"))
     demo.add_argument("--build-only", action="store_true", help="only build the tiny model")
     commands.add_parser("reference", help="Print the job-file reference (markdown) from the config docstrings.")
+    status = commands.add_parser("status", help="Summarise a run: state, step, loss, ETA, last checkpoint, samples.")
+    status.add_argument("output_dir", help="the run's output folder (or its job file)")
+    report = commands.add_parser("report", help="Write report.md and loss.png into a run's output folder.")
+    report.add_argument("output_dir", help="the run's output folder (or its job file)")
     return parser
 
 
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "demo":
             return _demo(args)
+        if args.command in ("status", "report"):
+            from launcher.report import main_report, main_status
+
+            return (main_status if args.command == "status" else main_report)(args.output_dir)
         overrides = dict(parse_override(item) for item in args.overrides)
         config = load_config(args.job, overrides=overrides)
         if args.command == "validate":

@@ -204,8 +204,9 @@ EXPLICIT_PATHS = {  # keys whose value is resolved against the job folder
 def write_explicit_job(folder: Path) -> Path:
     for name in ("models/tiny", "models/tok", "data"):
         (folder / name).mkdir(parents=True)
-    for name in ("data/train.jsonl", "data/val.jsonl", "template.jinja", "accel.yaml"):
+    for name in ("data/train.jsonl", "data/val.jsonl", "template.jinja"):
         (folder / name).write_text("x\n")
+    (folder / "accel.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
     return write_job(folder, job_text(EXPLICIT, required=False), with_data=False)
 
 
@@ -829,7 +830,7 @@ def test_paths_that_are_not_hub_ids_are_resolved(tmp_path, value):
 
 
 def test_accelerate_config_next_to_the_job(tmp_path):
-    (tmp_path / "multi_cpu.yaml").write_text("distributed_type: MULTI_CPU\n")
+    (tmp_path / "multi_cpu.yaml").write_text("distributed_type: MULTI_GPU\n")
     config = load(tmp_path, {"launch": 'accelerate_config = "multi_cpu.yaml"'})
     assert config.launch.accelerate_config == str(tmp_path / "multi_cpu.yaml")
 
@@ -841,7 +842,7 @@ def shipped_configs(tmp_path, monkeypatch) -> Path:
     package.mkdir(parents=True)
     shipped = tmp_path / "repo" / "accelerate_configs"
     shipped.mkdir()
-    (shipped / "multi_cpu.yaml").write_text("distributed_type: MULTI_CPU\n")
+    (shipped / "multi_cpu.yaml").write_text("distributed_type: MULTI_GPU\n")
     monkeypatch.setattr(config_module, "__file__", str(package / "config.py"))
     return shipped
 
@@ -1107,3 +1108,41 @@ def test_loading_does_not_touch_the_environment_or_cwd(tmp_path, monkeypatch):
     assert {p.name for p in tmp_path.rglob("*")} == before
     assert dict(os.environ) == environ
     assert not (tmp_path / "jobs" / "out").exists() and not (tmp_path / "jobs" / "cache").exists()
+
+
+# --- the Accelerate config may not contradict the job ----------------------------------------
+
+def accelerate_job(tmp_path, yaml_text: str, hyperparams: str = "") -> Path:
+    (tmp_path / "accel.yaml").write_text(yaml_text)
+    return write_job(tmp_path, job_text({"launch": 'accelerate_config = "accel.yaml"', "hyperparams": hyperparams}))
+
+
+def test_accelerate_precision_that_contradicts_the_job_is_refused(tmp_path):
+    path = accelerate_job(tmp_path, "distributed_type: MULTI_GPU\nmixed_precision: fp16\n", 'fp_precision = "fp32"')
+    with pytest.raises(ConfigError, match="sets mixed_precision: fp16 but the job's hyperparams.fp_precision"):
+        load_config(path)
+
+
+def test_deepspeed_numbers_must_match_the_job_or_be_auto(tmp_path):
+    yaml_text = ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  gradient_accumulation_steps: 4\n"
+                 "  gradient_clipping: 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(accelerate_job(tmp_path, yaml_text, "gradient_accumulation = 2"))
+    assert "deepspeed_config.gradient_accumulation_steps: 4 but the job's hyperparams.gradient_accumulation is 2" \
+        in str(info.value)
+    assert "deepspeed_config.gradient_clipping: 0.5" in str(info.value)
+    matching = "distributed_type: DEEPSPEED\ndeepspeed_config:\n  gradient_accumulation_steps: 2\n"
+    assert load_config(accelerate_job(tmp_path, matching, "gradient_accumulation = 2")).launch.accelerate_config
+
+
+def test_a_file_that_is_not_an_accelerate_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not an Accelerate config"):
+        load_config(accelerate_job(tmp_path, "just a string\n"))
+
+
+def test_every_shipped_accelerate_config_is_accepted(tmp_path):
+    shipped = sorted((Path(__file__).resolve().parent.parent / "accelerate_configs").glob("*.yaml"))
+    assert len(shipped) >= 8
+    for path in shipped:
+        job = write_job(tmp_path, job_text({"launch": f'accelerate_config = "{path.stem}"'}))
+        assert load_config(job).launch.accelerate_config == str(path)
