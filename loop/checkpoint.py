@@ -77,6 +77,7 @@ class Checkpointer:
         self.save_total_limit = save_total_limit
         self.shape = shape
         self.last_path: Path | None = None
+        self.last_step: int | None = None  # step of last_path
 
     # --- saving ---------------------------------------------------------------------------------
     def maybe_save(self, progress: Progress, *, force: bool = False) -> Path | None:
@@ -108,7 +109,7 @@ class Checkpointer:
             _fsync_dir(self.root)
             self._apply_retention()
         accelerator.wait_for_everyone()
-        self.last_path = final
+        self.last_path, self.last_step = final, progress.step
         logger.info("saved checkpoint %s", final)
         return final
 
@@ -174,7 +175,7 @@ class Checkpointer:
         self.accelerator.load_state(str(path))
         progress = Progress()
         progress.load_state_dict(record["progress"])
-        self.last_path = path
+        self.last_path, self.last_step = path, progress.step
         return progress
 
 

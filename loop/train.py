@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launcher.config import JobConfig
+from launcher.config import ConfigError, JobConfig
 from launcher.result import TrainingResult, write_atomic
 from loop.checkpoint import Checkpointer, Progress, RunShape
 from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
 from loop.model import build_model, save_final_model
+from loop.preemption import Preempted, StopFlag
+from loop.preview import generate_previews, preview_prompts
 from loop.status import MetricsLog, StatusFile
 
 logger = logging.getLogger(__name__)
@@ -166,25 +168,80 @@ class Window:
     num_tokens: int = 0
     num_input_tokens: int = 0
 
+    def add(self, loss: float, num_tokens: int, num_input_tokens: int) -> None:
+        self.loss_sum += loss * num_tokens
+        self.num_tokens += num_tokens
+        self.num_input_tokens += num_input_tokens
+
     def loss(self) -> float | None:
         return self.loss_sum / self.num_tokens if self.num_tokens else None
 
 
 # --- the run ------------------------------------------------------------------------------------
 
-def train(config: JobConfig, *, status_writer=None, accelerator=None) -> TrainingResult:
+@dataclass
+class Run:
+    """Everything the loop works with, built by `setup`."""
+
+    config: JobConfig
+    accelerator: object
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    eval_loader: object | None
+    checkpointer: Checkpointer
+    progress: Progress
+    total_steps: int
+    status: StatusFile
+    metrics: MetricsLog
+    previews: MetricsLog
+    preview_prompt_ids: list
+    summary: dict
+
+
+def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
     """Train as configured on this process (one of many under a distributed launch).
 
     Raises `ConfigError` (and its subclasses for data, model and resume problems) before anything
-    is written to `output_dir`; a failure during training returns `TrainingResult(success=False)`.
+    is written to `output_dir`; any failure after that returns `TrainingResult(success=False)`.
     """
+    started = time.time()
+    accelerator = build_accelerator(config)
+    run = None
+    try:
+        run = setup(config, accelerator, status_writer)
+        with StopFlag() as stop:
+            final_loss, eval_loss = fit(run, stop, started)
+        final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path)
+        run.summary.update(final_model=str(final_dir), eval_loss=eval_loss)
+        result = TrainingResult(success=True, final_loss=final_loss)
+        run.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
+    except ConfigError:
+        raise
+    except Preempted as stop:
+        result = TrainingResult(success=False, error=f"preempted: {stop}")
+        run.summary["preempted"] = True
+        run.status.update(status="failed", error_message=result.error)
+    except Exception as error:  # a failed run is a result, not an exception (see the contract)
+        rank = accelerator.process_index
+        logger.error("rank %d failed: %s", rank, error, exc_info=not isinstance(error, NonFiniteError))
+        result = TrainingResult(success=False, error=f"rank {rank}: {type(error).__name__}: {error}")
+        if run is not None:
+            run.status.update(status="failed", error_message=result.error)
+    finally:
+        if config.environment.report_to and run is not None:
+            accelerator.end_training()
+    return finish(config, accelerator, run, result, started)
+
+
+def setup(config: JobConfig, accelerator, status_writer) -> Run:
+    """Build data, model and optimizer, restore a checkpoint, and open the run's output files."""
     from accelerate.utils import set_seed
 
-    started = time.time()
-    accelerator = accelerator or build_accelerator(config)
     h, output_dir = config.hyperparams, config.output_path
     set_seed(h.seed)  # before the model and the data loader are built, so every rank agrees
-
     tokenizer = load_tokenizer(config)
     data = build_datasets(config, tokenizer, main_process_first=accelerator.main_process_first)
     model = build_model(config, tokenizer)
@@ -208,74 +265,63 @@ def train(config: JobConfig, *, status_writer=None, accelerator=None) -> Trainin
                                 save_total_limit=h.save_total_limit, shape=shape)
     resume_from = checkpointer.resolve_resume(config.output.resume, overwrite=config.output.overwrite)
     progress = checkpointer.load(resume_from) if resume_from else Progress()
+    prompt_ids = preview_prompts(config, data.validation, tokenizer) if config.monitoring.preview_steps else []
     # Everything above may refuse the job; only from here on is output_dir written.
 
     is_main = accelerator.is_main_process
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "job.toml", config.to_toml())
+        _log_to_file(output_dir / "train.log")
     checkpointer.remove_incomplete()
-    status = StatusFile(output_dir / "status.json" if is_main else None,
-                        forward=getattr(status_writer, "write", status_writer))
-    metrics = MetricsLog(output_dir / "metrics.jsonl" if is_main else None,
-                         keep_until_step=progress.step if resume_from else None)
-    status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
+    keep = progress.step if resume_from else None
+    run = Run(
+        config=config, accelerator=accelerator, tokenizer=tokenizer, model=model, optimizer=optimizer,
+        scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, checkpointer=checkpointer,
+        progress=progress, total_steps=total_steps,
+        status=StatusFile(output_dir / "status.json" if is_main else None,
+                          forward=getattr(status_writer, "write", status_writer)),
+        metrics=MetricsLog(output_dir / "metrics.jsonl" if is_main else None, keep_until_step=keep),
+        previews=MetricsLog(output_dir / "previews.jsonl" if is_main else None, keep_until_step=keep),
+        preview_prompt_ids=prompt_ids,
+        summary={"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
+                 "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None},
+    )
+    run.status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
     if resume_from:
         logger.info("resuming from %s at step %d", resume_from, progress.step)
+    if config.monitoring.preview_steps and not prompt_ids:
+        logger.warning("monitoring.preview_steps is set but there are no prompts: set monitoring.preview_prompts "
+                       "or give validation data")
     if config.environment.report_to:
         accelerator.init_trackers("trainer-engine", config=_flat_config(config))
-
-    summary = {"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
-               "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None}
-    try:
-        final_loss, eval_loss = fit(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
-                                    checkpointer, progress, total_steps, status, metrics, started)
-        final_dir = save_final_model(accelerator, model, tokenizer, output_dir)
-        summary.update(final_model=str(final_dir))
-        result = TrainingResult(success=True, final_loss=final_loss)
-        status.update(status="completed", current_step=progress.step, eta_sec=0.0)
-    except Exception as error:  # a failed run is a result, not an exception (see the contract)
-        logger.error("training failed at step %d: %s", progress.step, error)
-        eval_loss = None
-        result = TrainingResult(success=False, error=f"{type(error).__name__}: {error}")
-        status.update(status="failed", error_message=result.error)
-    finally:
-        if config.environment.report_to:
-            accelerator.end_training()
-
-    elapsed = time.time() - started
-    result.global_step = progress.step
-    result.runtime_sec = elapsed
-    result.last_checkpoint_path = str(checkpointer.last_path) if checkpointer.last_path else None
-    result.summary = {**summary, "train_loss": result.final_loss, "eval_loss": eval_loss,
-                      "num_train_tokens": progress.num_tokens, "num_input_tokens": progress.num_input_tokens,
-                      "tokens_per_sec": progress.num_tokens / elapsed if elapsed else 0.0,
-                      "peak_memory_bytes": peak_memory_bytes(), "total_steps": total_steps}
-    if is_main:
-        result.write(output_dir / "result.json")
-    return result
+    return run
 
 
-def fit(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader, checkpointer,
-        progress: Progress, total_steps: int, status: StatusFile, metrics: MetricsLog, started: float):
+def fit(run: Run, stop: StopFlag, started: float) -> tuple[float | None, float | None]:
     """Run optimizer steps until `total_steps`; returns (last logged train loss, last eval loss)."""
-    h, env = config.hyperparams, config.environment
+    config, accelerator, model, progress = run.config, run.accelerator, run.model, run.progress
+    h, env, monitoring = config.hyperparams, config.environment, config.monitoring
     world_size = accelerator.num_processes
-    batches_per_epoch = len(train_loader)
-    steps = windows(train_loader, accelerator, h.gradient_accumulation, progress.epoch, progress.batches_in_epoch)
-    bar = _progress_bar(accelerator, total_steps, progress.step)
+    steps = windows(run.train_loader, accelerator, h.gradient_accumulation, progress.epoch, progress.batches_in_epoch)
+    bar = _progress_bar(accelerator, run.total_steps, progress.step)
     logged, final_loss, eval_loss = Window(progress.step, time.time()), None, None
     model.train()
 
-    while progress.step < total_steps:
-        # 1. Take the whole accumulation window first, so its supervised tokens can be counted
-        #    on every process before any backward pass.
+    while progress.step < run.total_steps:
+        # 1. Take the whole accumulation window first, so its supervised tokens can be counted on
+        #    every process before any backward pass. The same all-reduce shares a stop request.
         epoch, window = next(steps)
+        num_tokens, num_input_tokens = count_tokens(window)
+        shared = torch.tensor([num_tokens, num_input_tokens, int(stop.is_set)], device=accelerator.device)
+        global_tokens, global_input_tokens, num_stopping = (int(x) for x in accelerator.reduce(shared, "sum"))
+        if num_stopping:
+            path = run.checkpointer.save(progress) if run.checkpointer.last_step != progress.step \
+                else run.checkpointer.last_path
+            raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {progress.step}; "
+                            f"checkpoint {path}; rerun the same command to resume")
         if epoch != progress.epoch:
             progress.epoch, progress.batches_in_epoch = epoch, 0
-        num_tokens, num_input_tokens = count_tokens(window)
-        totals = accelerator.reduce(torch.tensor([num_tokens, num_input_tokens], device=accelerator.device), "sum")
-        global_tokens, global_input_tokens = int(totals[0]), int(totals[1])
 
         # 2. Forward and backward per micro-batch. The step's loss is sum(token losses over the window
         #    and all processes) / global_tokens. Accelerate divides each backward by the accumulation
@@ -285,8 +331,8 @@ def fit(config, accelerator, model, optimizer, scheduler, train_loader, eval_loa
         loss_sum = torch.zeros((), device=accelerator.device)
         for index, batch in enumerate(window):
             is_last = index == len(window) - 1
-            # Gradients are synchronised on the window's last micro-batch only. We prefetch, so
-            # we tell Accelerate where the window ends instead of letting it count batches (as
+            # Gradients are synchronised on the window's last micro-batch only. We prefetch, so we
+            # tell Accelerate where the window ends instead of letting it count batches (as
             # transformers' Trainer does).
             accelerator.gradient_state._set_sync_gradients(is_last)
             with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
@@ -303,49 +349,124 @@ def fit(config, accelerator, model, optimizer, scheduler, train_loader, eval_loa
             raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
                                  f"{progress.step + 1}: loss={loss}, grad_norm={grad_norm}; the step was not "
                                  "applied. Lower hyperparams.learning_rate or check the data.")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
         progress.step += 1
         progress.batches_in_epoch += len(window)
         progress.num_tokens += global_tokens
         progress.num_input_tokens += global_input_tokens
-        logged.loss_sum += loss * global_tokens
-        logged.num_tokens += global_tokens
-        logged.num_input_tokens += global_input_tokens
-        is_last_step = progress.step == total_steps
+        logged.add(loss, global_tokens, global_input_tokens)
+        is_last_step = progress.step == run.total_steps
 
-        # 4. Log, evaluate, save.
+        # 4. Log, evaluate, preview, save.
         if progress.step % env.logging_steps == 0 or is_last_step:
             final_loss = logged.loss()
-            seconds = max(time.time() - logged.started, 1e-9)
-            record = {
-                "step": progress.step,
-                "epoch": progress.epoch + progress.batches_in_epoch / max(batches_per_epoch, 1),
-                "loss": final_loss, "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "num_tokens": progress.num_tokens, "tokens_per_sec": logged.num_tokens / seconds,
-                "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": time.time() - started,
-            }
-            metrics.write(record)
+            record = _train_record(run, logged, grad_norm, started)
+            run.metrics.write(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=progress.step)
-            eta = (total_steps - progress.step) * seconds / max(progress.step - logged.first_step, 1)
-            status.update(current_step=progress.step, epoch=record["epoch"], loss=final_loss,
-                          learning_rate=record["learning_rate"], tokens_per_sec=record["tokens_per_sec"], eta_sec=eta)
+            eta = (run.total_steps - progress.step) * (time.time() - logged.started) / max(
+                progress.step - logged.first_step, 1)
+            run.status.update(current_step=progress.step, epoch=record["epoch"], loss=final_loss,
+                              learning_rate=record["learning_rate"], tokens_per_sec=record["tokens_per_sec"],
+                              eta_sec=eta)
             _report(bar, accelerator, record, eta)
             logged = Window(progress.step, time.time())
-        should_eval = eval_loader is not None and (
-            is_last_step or (h.eval_steps > 0 and progress.step % h.eval_steps == 0))
-        if should_eval:
-            eval_loss = evaluate(model, eval_loader, accelerator)
-            metrics.write({"step": progress.step, "eval_loss": eval_loss})
+        if run.eval_loader is not None and (is_last_step or (h.eval_steps and progress.step % h.eval_steps == 0)):
+            eval_loss = evaluate(model, run.eval_loader, accelerator)
+            run.metrics.write({"step": progress.step, "eval_loss": eval_loss})
             accelerator.log({"eval/loss": eval_loss}, step=progress.step)
-            status.update(validation_loss=eval_loss)
-        checkpointer.maybe_save(progress)
+            run.status.update(validation_loss=eval_loss)
+        if run.preview_prompt_ids and progress.step % max(monitoring.preview_steps, 1) == 0:
+            samples = generate_previews(model, run.tokenizer, run.preview_prompt_ids,
+                                        monitoring.preview_max_new_tokens, accelerator)
+            if samples:  # [] on the processes that did not generate
+                run.previews.write({"step": progress.step, "samples": samples})
+                run.status.update(preview={"step": progress.step, "samples": samples})
+        run.checkpointer.maybe_save(progress)
 
     if bar is not None:
         bar.close()
     return final_loss, eval_loss
+
+
+def finish(config: JobConfig, accelerator, run: Run | None, result: TrainingResult, started: float):
+    """Fill in the result's totals; the main process writes result.json (and the report)."""
+    elapsed = time.time() - started
+    progress = run.progress if run else Progress()
+    summary = run.summary if run else {"world_size": accelerator.num_processes}
+    result.global_step = progress.step
+    result.runtime_sec = elapsed
+    last = run.checkpointer.last_path if run else None
+    result.last_checkpoint_path = str(last) if last else None
+    result.summary = {"train_loss": result.final_loss, "eval_loss": None, **summary,
+                      "num_train_tokens": progress.num_tokens, "num_input_tokens": progress.num_input_tokens,
+                      "tokens_per_sec": progress.num_tokens / elapsed if elapsed else 0.0,
+                      "peak_memory_bytes": peak_memory_bytes(),
+                      "total_steps": run.total_steps if run else None}
+    if _should_write_result(accelerator, result, config.output_path):
+        config.output_path.mkdir(parents=True, exist_ok=True)
+        result.write(config.output_path / "result.json")
+    if accelerator.is_main_process and run is not None:
+        _maybe_write_report(config.output_path)
+    return result
+
+
+def _should_write_result(accelerator, result: TrainingResult, output_dir: Path) -> bool:
+    """The main process writes the result; a rank that failed on its own writes its failure too.
+
+    A rank whose failure is only the echo of another rank's (a broken collective) leaves an
+    existing failure result alone, so result.json names the rank that failed first.
+    """
+    if result.success:
+        return accelerator.is_main_process
+    echo = any(word in (result.error or "") for word in ("Connection closed", "Connection reset", "Gloo", "NCCL",
+                                                         "DistBackendError", "timed out"))
+    if echo and (output_dir / "result.json").exists():
+        try:
+            return TrainingResult.read(output_dir / "result.json").success
+        except (OSError, ValueError):
+            return True
+    return accelerator.is_main_process or not echo
+
+
+def _train_record(run: Run, logged: "Window", grad_norm: float, started: float) -> dict:
+    progress, now = run.progress, time.time()
+    seconds = max(now - logged.started, 1e-9)
+    return {
+        "step": progress.step,
+        "epoch": progress.epoch + progress.batches_in_epoch / max(len(run.train_loader), 1),
+        "loss": logged.loss(), "learning_rate": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        "num_tokens": progress.num_tokens, "tokens_per_sec": logged.num_tokens / seconds,
+        "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": now - started,
+    }
+
+
+def _log_to_file(path: Path) -> None:
+    """A copy of this process's log lines in the output folder."""
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def _maybe_write_report(output_dir: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    try:
+        from launcher.report import write_report
+
+        write_report(output_dir)
+    except Exception as error:  # the run succeeded or failed already; a plot must not change that
+        logger.warning("could not write the run report: %s", error)
 
 
 def _progress_bar(accelerator, total_steps: int, initial: int):

@@ -1,0 +1,283 @@
+"""The training loop on the tiny offline model: exact accumulation, exact resume, the non-finite
+guard, checkpoint retention, the final model, status and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher.config import ConfigError, load_config
+from launcher.demo import build_tiny_model
+from loop.checkpoint import COMPLETE_MARKER
+from loop.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the model learns to answer short questions about numbers colors animals and places "
+         "with careful complete sentences while the user asks again in other words").split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """Chat records of varied lengths, some multi-turn, some with a system prompt."""
+    rng = random.Random(seed)
+
+    def sentence(low, high):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    records = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": sentence(3, 8)}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice((1, 1, 2))):
+            messages += [{"role": "user", "content": sentence(2, 12)},
+                         {"role": "assistant", "content": sentence(1, 20)}]
+        records.append({"messages": messages})
+    return records
+
+
+def write_job(folder: Path, model_dir: Path, *, records: list[dict] | None = None, validation: int = 0,
+              **sections) -> Path:
+    """A job file plus its data in `folder`; `sections` are extra TOML key lines per section."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (records or chat_records(24))))
+    base = {
+        "model": [f'model_path = "{model_dir}"'],
+        "data": ['dataset_path = "train.jsonl"', "max_length = 256", "shuffle = false", 'cache_dir = "cache"'],
+        "hyperparams": ["learning_rate = 1e-3", 'fp_precision = "fp32"', "save_steps = 0", "warmup_steps = 1"],
+        "output": ['output_dir = "out"'],
+        "environment": ["logging_steps = 1"],
+    }
+    if validation:
+        (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_records(validation, seed=9)))
+        base["data"].append('validation_path = "valid.jsonl"')
+    for section, lines in sections.items():
+        # A later line for the same key replaces the default one.
+        keys = {line.split("=")[0].strip() for line in lines}
+        base[section] = [l for l in base.get(section, []) if l.split("=")[0].strip() not in keys] + list(lines)
+    text = "\n".join(f"[{s}]\n" + "\n".join(lines) + "\n" for s, lines in base.items())
+    job = folder / "job.toml"
+    job.write_text(text)
+    return job
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-12)
+        assert float((a[name] - b[name]).abs().max() / scale) <= rel, name
+
+
+# --- exact accumulation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_size,accumulation", [(2, 4), (1, 8)])
+def test_accumulation_gives_the_weights_of_one_large_batch(tmp_path, model_dir, batch_size, accumulation):
+    records = chat_records(24, seed=3)
+    big = load_config(write_job(tmp_path / "big", model_dir, records=records,
+                                hyperparams=["batch_size = 8", "gradient_accumulation = 1", "num_epochs = 2"]))
+    small = load_config(write_job(tmp_path / "small", model_dir, records=records,
+                                  hyperparams=[f"batch_size = {batch_size}",
+                                               f"gradient_accumulation = {accumulation}", "num_epochs = 2"]))
+    result_big, result_small = train(big), train(small)
+    assert result_big.success and result_small.success
+    assert result_big.global_step == result_small.global_step == 6
+    assert result_big.summary["num_train_tokens"] == result_small.summary["num_train_tokens"]
+    assert_same_weights(final_weights(big.output_path), final_weights(small.output_path))
+
+
+def test_a_partial_last_window_is_normalised_by_its_own_tokens(tmp_path, model_dir):
+    # 10 examples: batch 1 x 4 makes windows of 4, 4 and 2 micro-batches; batch 2 x 2 groups the same examples.
+    records = chat_records(10, seed=5)
+    a = load_config(write_job(tmp_path / "a", model_dir, records=records,
+                              hyperparams=["batch_size = 1", "gradient_accumulation = 4"]))
+    b = load_config(write_job(tmp_path / "b", model_dir, records=records,
+                              hyperparams=["batch_size = 2", "gradient_accumulation = 2"]))
+    assert train(a).global_step == train(b).global_step == 3
+    assert_same_weights(final_weights(a.output_path), final_weights(b.output_path))
+
+
+def test_unnormalised_accumulation_would_differ(tmp_path, model_dir):
+    """Guards the test above: different groupings of the same data do change the weights."""
+    records = chat_records(24, seed=3)
+    a = load_config(write_job(tmp_path / "a", model_dir, records=records, hyperparams=["batch_size = 8"]))
+    b = load_config(write_job(tmp_path / "b", model_dir, records=records, hyperparams=["batch_size = 4"]))
+    train(a), train(b)
+    with pytest.raises(AssertionError):
+        assert_same_weights(final_weights(a.output_path), final_weights(b.output_path))
+
+
+# --- checkpoints and exact resume ----------------------------------------------------------------
+
+def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path, model_dir):
+    hyper = ["batch_size = 3", "gradient_accumulation = 2", "num_epochs = 3", "save_steps = 3",
+             "save_total_limit = 10"]
+    whole = load_config(write_job(tmp_path / "whole", model_dir, hyperparams=hyper, data=["shuffle = true"]))
+    assert train(whole).global_step == 12
+    parted = load_config(write_job(tmp_path / "parted", model_dir, hyperparams=hyper, data=["shuffle = true"]))
+    first = train(parted)
+    # Pretend the run died right after step 3 (mid-epoch): keep only that checkpoint.
+    checkpoints = parted.output_path / "checkpoints"
+    for path in sorted(checkpoints.iterdir())[1:]:
+        import shutil
+        shutil.rmtree(path)
+    (parted.output_path / "final" / "model.safetensors").unlink()
+    resumed = train(parted)
+    assert first.success and resumed.success
+    assert resumed.summary["resumed_from"].endswith("step_000003")
+    assert resumed.global_step == 12
+    assert_same_weights(final_weights(whole.output_path), final_weights(parted.output_path), rel=0.0)
+    steps = [r["step"] for r in map(json.loads, (parted.output_path / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 13))  # records of the redone steps are not duplicated
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_weights(tmp_path, model_dir):
+    hyper = ["batch_size = 2", "num_epochs = 40", "save_steps = 5", "save_total_limit = 2"]
+    whole = load_config(write_job(tmp_path / "whole", model_dir, records=chat_records(12), hyperparams=hyper))
+    job = write_job(tmp_path / "killed", model_dir, records=chat_records(12), hyperparams=hyper)
+    output = tmp_path / "killed" / "out"
+    command = [sys.executable, "-m", "launcher", "run", str(job)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((output / "checkpoints").glob(f"step_*/{COMPLETE_MARKER}")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "final").exists(), "the run finished before it could be killed"
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    result = json.loads((output / "result.json").read_text())
+    assert result["success"] and result["summary"]["resumed_from"]
+    train(whole)
+    assert_same_weights(final_weights(whole.output_path), final_weights(output), rel=0.0)
+
+
+def test_retention_keeps_the_newest_complete_checkpoints_and_clears_leftovers(tmp_path, model_dir):
+    config = load_config(write_job(tmp_path, model_dir, hyperparams=[
+        "batch_size = 2", "save_steps = 2", "save_total_limit = 2", "max_steps = 10"]))
+    checkpoints = config.output_path / "checkpoints"
+    (checkpoints / ".tmp-step_000004").mkdir(parents=True)   # a save that was killed
+    (checkpoints / "step_000099").mkdir()                    # renamed but never marked complete
+    (checkpoints / "notes").mkdir()                          # not ours: left alone
+    result = train(config)
+    assert result.success
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["notes", "step_000008", "step_000010"]
+    assert result.last_checkpoint_path == str(checkpoints / "step_000010")
+    progress = json.loads((checkpoints / "step_000010" / "progress.json").read_text())
+    assert progress["progress"]["step"] == 10
+    assert (checkpoints / "step_000010" / COMPLETE_MARKER).exists()
+
+
+def test_a_fresh_run_refuses_to_replace_an_earlier_runs_checkpoints(tmp_path, model_dir):
+    job = write_job(tmp_path, model_dir, hyperparams=["save_steps = 2", "max_steps = 2"])
+    assert train(load_config(job)).success
+    with pytest.raises(ConfigError, match="output.overwrite"):
+        train(load_config(job, overrides={"output.resume": "never"}))
+    assert train(load_config(job, overrides={"output.resume": "never", "output.overwrite": True})).success
+
+
+def test_resuming_with_another_batch_size_is_refused(tmp_path, model_dir):
+    job = write_job(tmp_path, model_dir, hyperparams=["save_steps = 2", "max_steps = 2"])
+    assert train(load_config(job)).success
+    with pytest.raises(ConfigError, match="batch_size: checkpoint 1, now 2"):
+        train(load_config(job, overrides={"hyperparams.batch_size": 2, "hyperparams.max_steps": 4}))
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, model_dir):
+    config = load_config(write_job(tmp_path, model_dir, hyperparams=[
+        "learning_rate = 1e30", "max_grad_norm = 0", "save_steps = 1", "max_steps = 20", "warmup_steps = 0"]))
+    result = train(config)
+    assert not result.success
+    assert "non-finite" in result.error
+    failed_step = result.global_step + 1
+    assert f"at step {failed_step}" in result.error
+    status = json.loads((config.output_path / "status.json").read_text())
+    assert status["status"] == "failed" and "non-finite" in status["error_message"]
+    saved = json.loads((config.output_path / "result.json").read_text())
+    assert saved["success"] is False and saved["global_step"] == result.global_step
+    assert result.last_checkpoint_path.endswith(f"step_{result.global_step:06d}")
+    assert not (config.output_path / "final").exists()
+
+
+# --- what a run leaves behind --------------------------------------------------------------------
+
+def test_final_model_loads_and_generates_and_the_run_reports(tmp_path, model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(write_job(tmp_path, model_dir, validation=6, hyperparams=[
+        "batch_size = 4", "num_epochs = 2", "eval_steps = 3"], environment=["logging_steps = 2"]))
+    result = train(config)
+    assert result.success, result.error
+    final = config.output_path / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert model.config.use_cache
+
+    status = json.loads((config.output_path / "status.json").read_text())
+    assert status["status"] == "completed" and status["current_step"] == status["total_steps"] == 12
+    for key in ("epoch", "loss", "learning_rate", "tokens_per_sec", "eta_sec", "validation_loss", "timestamp",
+                "error_message"):
+        assert key in status
+    records = [json.loads(line) for line in (config.output_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    eval_records = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in eval_records] == [3, 6, 9, 12]
+    for key in ("epoch", "learning_rate", "grad_norm", "num_tokens", "tokens_per_sec", "elapsed_sec"):
+        assert key in train_records[0]
+    assert train_records[-1]["epoch"] == pytest.approx(2.0)
+    summary = result.summary
+    assert summary["eval_loss"] == pytest.approx(eval_records[-1]["eval_loss"])
+    assert summary["train_loss"] == pytest.approx(train_records[-1]["loss"])
+    assert summary["num_train_tokens"] == train_records[-1]["num_tokens"] > 0
+    assert summary["world_size"] == 1 and summary["peak_memory_bytes"] > 0
+    assert load_config(config.output_path / "job.toml") == config
+
+
+def test_validation_loss_is_token_weighted(tmp_path, model_dir):
+    """The eval loss equals sum(token losses) / tokens over the whole validation set, batch size aside."""
+    config = load_config(write_job(tmp_path, model_dir, validation=5,
+                                   hyperparams=["batch_size = 2", "max_steps = 1"]))
+    from loop.data import build_datasets, load_tokenizer
+    from loop.train import build_accelerator, evaluate, summed_token_loss
+    from loop.data import build_dataloader
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(config, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    accelerator = build_accelerator(config)
+    loader = accelerator.prepare(build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=2))
+    loss = evaluate(model, loader, accelerator)
+    one_by_one = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=1)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in one_by_one:
+            row_loss, row_tokens = summed_token_loss(model, batch)
+            total, tokens = total + float(row_loss.sum()), tokens + int(row_tokens.sum())
+    assert loss == pytest.approx(total / tokens, rel=1e-6)
+    assert model.training  # evaluate puts the model back in training mode
