@@ -1,7 +1,8 @@
 """Command line: `python -m launcher {run,validate,status,report,demo,reference} ...`.
 
 Exit codes: 0 success; 1 the training ran and failed (result.json says why); 2 the job was refused
-before training (bad config, missing file, bad data). A refused job prints one message, never a
+before training (bad config, missing file, bad data); 3 the run was stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint (rerun the same command to resume). A refused job prints one message, never a
 traceback.
 """
 
@@ -31,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m launcher", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="Exit codes: 0 success, 1 training failed, 2 job refused before training.")
+                     epilog="Exit codes: 0 success, 1 training failed, 2 job refused before training, "
+                            "3 stopped by a signal after a checkpoint (rerun to resume).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def job_command(name: str, help_text: str):
@@ -78,17 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except Exception as error:  # a bug or an environment problem outside the training itself
+        if os.environ.get("TRAINER_ENGINE_DEBUG"):
+            raise
+        print(f"error: {type(error).__name__}: {error}\n(set TRAINER_ENGINE_DEBUG=1 to see the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _run(config) -> int:
-    from launcher.run import run_job
+    from launcher.run import HANDOFF_ENV, run_job
+    from loop.preemption import EXIT_PREEMPTED
 
     result = run_job(config)
-    if _is_main_process():
+    launched_by_us = HANDOFF_ENV in os.environ  # the launching process prints the result
+    if _is_main_process() and not launched_by_us:
         print(json.dumps({k: v for k, v in json.loads(result.to_json()).items() if k != "summary"}, indent=2))
         if not result.success:
             print(f"error: training failed: {result.error}", file=sys.stderr)
-    return EXIT_OK if result.success else EXIT_FAILED
+    if result.success:
+        return EXIT_OK
+    return EXIT_PREEMPTED if result.summary.get("preempted") else EXIT_FAILED
 
 
 def _validate(config) -> int:

@@ -9,18 +9,21 @@ and returns the result the main rank wrote.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from launcher.config import ConfigError, JobConfig, cuda_available
 from launcher.result import TrainingResult, write_atomic
 
-HANDOFF_ENV = "TRAINER_ENGINE_HANDOFF_DIR"  # where a launched job leaves its result or its refusal
-RESULT_NAME, REFUSAL_NAME = "result.json", "refusal.txt"
+HANDOFF_ENV = "TRAINER_ENGINE_HANDOFF_DIR"  # where a launched job leaves the reason it was refused
+REFUSAL_NAME = "refusal.txt"
 
 
 def in_distributed_launch() -> bool:
@@ -39,18 +42,13 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     from loop.train import train
 
     try:
-        result = train(config, status_writer=status_writer)
+        return train(config, status_writer=status_writer)
     except ConfigError as error:
-        _hand_off(REFUSAL_NAME, str(error))
+        # Tell the process that launched us why, so it can refuse the job in one clear message.
+        folder = os.environ.get(HANDOFF_ENV)
+        if folder and int(os.environ.get("RANK", "0")) == 0:
+            write_atomic(Path(folder) / REFUSAL_NAME, str(error))
         raise
-    _hand_off(RESULT_NAME, result.to_json())
-    return result
-
-
-def _hand_off(name: str, text: str) -> None:
-    folder = os.environ.get(HANDOFF_ENV)
-    if folder and int(os.environ.get("RANK", "0")) == 0:
-        write_atomic(Path(folder) / name, text)
 
 
 def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[str, str]]:
@@ -89,24 +87,44 @@ def _is_deepspeed_config(path: str) -> bool:
 
 
 def launch(config: JobConfig) -> TrainingResult:
-    """Start `accelerate launch` on this job, stream its output, wait, and return its result."""
+    """Start `accelerate launch` on this job, stream its output, wait, and return its result.
+
+    SIGTERM and SIGUSR1 are passed on to the launched processes, which save a checkpoint and stop.
+    """
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="trainer-engine-") as handoff:
         job_file = Path(handoff) / "job.toml"
         job_file.write_text(config.to_toml(), encoding="utf-8")
         command, env = launch_command(config, job_file)
         env[HANDOFF_ENV] = handoff
-        completed = subprocess.run(command, env=env, check=False)
-        refusal, result_file = Path(handoff) / REFUSAL_NAME, Path(handoff) / RESULT_NAME
+        process = subprocess.Popen(command, env=env)
+        with _forwarding_signals_to(process):
+            returncode = process.wait()
+        refusal = Path(handoff) / REFUSAL_NAME
         if refusal.exists():
             raise ConfigError(refusal.read_text(encoding="utf-8"))
-        if result_file.exists():
-            result = TrainingResult.read(result_file)
-            if completed.returncode != 0 and result.success:
-                result.success = False
-                result.error = f"a process exited with code {completed.returncode} after training"
-            return result
-    return TrainingResult(success=False, error=f"accelerate launch exited with code {completed.returncode} "
-                                               "before a result was written; see its output above")
+    result_file = config.output_path / "result.json"
+    if result_file.exists() and result_file.stat().st_mtime >= started:
+        result = TrainingResult.read(result_file)
+        if returncode != 0 and result.success:
+            result.success = False
+            result.error = f"a process exited with code {returncode} after training"
+        return result
+    return TrainingResult(success=False, error=f"accelerate launch exited with code {returncode} before a "
+                                               "result was written; see its output above")
+
+
+@contextlib.contextmanager
+def _forwarding_signals_to(process: subprocess.Popen):
+    def forward(signum, frame):
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _free_port() -> int:

@@ -65,9 +65,6 @@ def build_accelerator(config: JobConfig):
         cpu=on_cpu and not uses_deepspeed,
         mixed_precision=MIXED_PRECISION[h.fp_precision],
         gradient_accumulation_steps=h.gradient_accumulation,
-        # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise
-        # step it once per process, for schedules built in single-process steps.
-        step_scheduler_with_optimizer=False,
         log_with=config.environment.report_to or None,
         project_dir=config.output.output_dir,
         kwargs_handlers=[process_group],
@@ -254,8 +251,11 @@ def setup(config: JobConfig, accelerator, status_writer) -> Run:
     # Accelerate gives each process ceil(batches / processes) batches (it repeats a few at the end
     # so every process takes the same number of steps).
     total_steps = config.total_steps(math.ceil(len(train_loader) / accelerator.num_processes))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # Built on the prepared optimizer (ZeRO-3 regroups the parameters it was given) and stepped by
+    # us once per optimizer step; registered so every checkpoint saves and restores it.
     scheduler = build_scheduler(optimizer, config, total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    accelerator.register_for_checkpointing(scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
