@@ -34,6 +34,7 @@ from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_token
 from loop.model import build_model, save_final_model
 from loop.preemption import Preempted, StopFlag
 from loop.preview import generate_previews, preview_prompts
+from loop.runlock import OutputLock
 from loop.status import MetricsLog, StatusFile
 
 logger = logging.getLogger(__name__)
@@ -206,9 +207,9 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
     """
     started = time.time()
     accelerator = build_accelerator(config)
-    run = None
+    run, lock = None, OutputLock(config.output_path)
     try:
-        run = setup(config, accelerator, status_writer)
+        run = setup(config, accelerator, status_writer, lock)
         with StopFlag() as stop:
             final_loss, eval_loss = fit(run, stop, started)
         final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path)
@@ -216,6 +217,7 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
         result = TrainingResult(success=True, final_loss=final_loss)
         run.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
     except ConfigError:
+        lock.release()
         raise
     except Preempted as stop:
         result = TrainingResult(success=False, error=f"preempted: {stop}")
@@ -230,10 +232,12 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
     finally:
         if config.environment.report_to and run is not None:
             accelerator.end_training()
-    return finish(config, accelerator, run, result, started)
+    result = finish(config, accelerator, run, result, started)
+    lock.release()
+    return result
 
 
-def setup(config: JobConfig, accelerator, status_writer) -> Run:
+def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Run:
     """Build data, model and optimizer, restore a checkpoint, and open the run's output files."""
     from accelerate.utils import set_seed
 
@@ -270,7 +274,7 @@ def setup(config: JobConfig, accelerator, status_writer) -> Run:
 
     is_main = accelerator.is_main_process
     if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # refuses (exit 2) while another live run owns the folder
         write_atomic(output_dir / "job.toml", config.to_toml())
         _log_to_file(output_dir / "train.log")
     checkpointer.remove_incomplete()
