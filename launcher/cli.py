@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-dir", default=str(REPO_ROOT / "examples" / "tiny-model"))
     demo.add_argument("--job", default=str(REPO_ROOT / "examples" / "demo_job.toml"))
     demo.add_argument("--build-only", action="store_true", help="only build the tiny model")
-    commands.add_parser("reference", help="Print the job-file reference (markdown) from the config docstrings.")
+    reference = commands.add_parser("reference", help="Print the job-file reference (markdown) from the config "
+                                                      "docstrings.")
+    reference.add_argument("--update", metavar="README", help="replace the reference block in this markdown file")
     status = commands.add_parser("status", help="Summarise a run: state, step, loss, ETA, last checkpoint, samples.")
     status.add_argument("output_dir", help="the run's output folder (or its job file)")
     report = commands.add_parser("report", help="Write report.md and loss.png into a run's output folder.")
@@ -62,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         if args.command == "reference":
-            from launcher.config import reference_markdown
-
-            print(reference_markdown())
-            return EXIT_OK
+            return _reference(args.update)
         if args.command == "demo":
             return _demo(args)
         if args.command in ("status", "report"):
@@ -103,6 +102,25 @@ def _run(config) -> int:
     return EXIT_PREEMPTED if result.summary.get("preempted") else EXIT_FAILED
 
 
+REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end -->"
+
+
+def _reference(readme: str | None) -> int:
+    from launcher.config import reference_markdown
+
+    if readme is None:
+        print(reference_markdown())
+        return EXIT_OK
+    text = Path(readme).read_text(encoding="utf-8")
+    if REFERENCE_START not in text or REFERENCE_END not in text:
+        raise ConfigError(f"{readme}: no {REFERENCE_START} ... {REFERENCE_END} block to update")
+    head, rest = text.split(REFERENCE_START, 1)
+    tail = rest.split(REFERENCE_END, 1)[1]
+    Path(readme).write_text(f"{head}{REFERENCE_START}\n{reference_markdown()}\n{REFERENCE_END}{tail}", encoding="utf-8")
+    print(f"updated the job-file reference in {readme}")
+    return EXIT_OK
+
+
 def _validate(config) -> int:
     from loop.validate import validate_job
 
@@ -135,6 +153,9 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "datasets", "DeepSpeed", "torch.distributed", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Harmless on every run: tied embeddings saved once, and bitsandbytes' optional CPU kernels.
+    for chatty in ("accelerate.utils.other", "bitsandbytes"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
