@@ -596,7 +596,20 @@ def _cross_field_problems(config: JobConfig, where, check_environment: bool, fai
         if tracker not in allowed_trackers:
             problems.append(f"{where('environment.report_to')}: unknown tracker {tracker!r}; "
                             f"{_suggest(tracker, sorted(allowed_trackers))}")
+        elif check_environment and not _tracker_installed(tracker):
+            problems.append(f"{where('environment.report_to')}: the {tracker!r} tracker is not installed; "
+                            f"pip install {TRACKER_PACKAGES.get(tracker, tracker)} or remove it from report_to")
     return problems
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}
+
+
+def _tracker_installed(tracker: str) -> bool:
+    import importlib.util
+
+    modules = ("tensorboard", "tensorboardX") if tracker == "tensorboard" else (tracker,)
+    return any(importlib.util.find_spec(module) is not None for module in modules)
 
 
 def _accelerate_config_problems(config: JobConfig, where) -> list[str]:
