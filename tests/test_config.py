@@ -121,6 +121,9 @@ def problem_lines(message: str) -> list[str]:
 def no_cuda(monkeypatch):
     """No test depends on the machine: CUDA is absent unless a test says otherwise (and torch is not imported)."""
     monkeypatch.setattr(config_module, "cuda_available", lambda: False)
+    # Which tracker packages happen to be installed is the machine's business too
+    # (tests/test_watching.py checks the refusal of a missing one).
+    monkeypatch.setattr(config_module, "_tracker_installed", lambda tracker: True)
 
 
 # --- defaults and explicit values --------------------------------------------------------------
