@@ -17,7 +17,6 @@ import itertools
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from loop.preemption import Preempted, StopFlag
 from loop.preview import generate_previews, preview_prompts
 from loop.runlock import OutputLock
 from loop.status import MetricsLog, StatusFile
+from loop.throughput import device_peak_flops, mfu, peak_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,6 @@ def evaluate(model, loader, accelerator) -> float:
     return loss_sum / max(num_tokens, 1)
 
 
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 @dataclass
 class Window:
     """Running sums of the current logging window, for token-weighted metrics."""
@@ -196,6 +190,8 @@ class Run:
     metrics: MetricsLog
     previews: MetricsLog
     preview_prompt_ids: list
+    num_parameters: int
+    peak_flops: float | None
     summary: dict
 
 
@@ -252,6 +248,8 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
     if data.validation is not None:
         eval_loader = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=h.batch_size)
     optimizer = build_optimizer(model, config)
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Accelerate gives each process ceil(batches / processes) batches (it repeats a few at the end
     # so every process takes the same number of steps).
     total_steps = config.total_steps(math.ceil(len(train_loader) / accelerator.num_processes))
@@ -287,8 +285,9 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
                           forward=getattr(status_writer, "write", status_writer)),
         metrics=MetricsLog(output_dir / "metrics.jsonl" if is_main else None, keep_until_step=keep),
         previews=MetricsLog(output_dir / "previews.jsonl" if is_main else None, keep_until_step=keep),
-        preview_prompt_ids=prompt_ids,
+        preview_prompt_ids=prompt_ids, num_parameters=num_parameters, peak_flops=device_peak_flops(),
         summary={"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
+                 "num_parameters": num_parameters, "num_trainable_parameters": num_trainable,
                  "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None},
     )
     run.status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
@@ -407,6 +406,9 @@ def finish(config: JobConfig, accelerator, run: Run | None, result: TrainingResu
     result.summary = {"train_loss": result.final_loss, "eval_loss": None, **summary,
                       "num_train_tokens": progress.num_tokens, "num_input_tokens": progress.num_input_tokens,
                       "tokens_per_sec": progress.num_tokens / elapsed if elapsed else 0.0,
+                      "input_tokens_per_sec": progress.num_input_tokens / elapsed if elapsed else 0.0,
+                      "mfu": mfu(run.num_parameters, progress.num_input_tokens / elapsed, accelerator.num_processes,
+                                 run.peak_flops) if run and elapsed else None,
                       "peak_memory_bytes": peak_memory_bytes(),
                       "total_steps": run.total_steps if run else None}
     if _should_write_result(accelerator, result, config.output_path):
@@ -438,13 +440,19 @@ def _should_write_result(accelerator, result: TrainingResult, output_dir: Path) 
 def _train_record(run: Run, logged: "Window", grad_norm: float, started: float) -> dict:
     progress, now = run.progress, time.time()
     seconds = max(now - logged.started, 1e-9)
-    return {
+    record = {
         "step": progress.step,
         "epoch": progress.epoch + progress.batches_in_epoch / max(len(run.train_loader), 1),
         "loss": logged.loss(), "learning_rate": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
         "num_tokens": progress.num_tokens, "tokens_per_sec": logged.num_tokens / seconds,
         "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": now - started,
+        "peak_memory_bytes": peak_memory_bytes(),
     }
+    utilisation = mfu(run.num_parameters, record["input_tokens_per_sec"], run.accelerator.num_processes,
+                      run.peak_flops)
+    if utilisation is not None:
+        record["mfu"] = utilisation
+    return record
 
 
 def _log_to_file(path: Path) -> None:

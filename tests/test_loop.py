@@ -281,3 +281,16 @@ def test_validation_loss_is_token_weighted(tmp_path, model_dir):
             total, tokens = total + float(row_loss.sum()), tokens + int(row_tokens.sum())
     assert loss == pytest.approx(total / tokens, rel=1e-6)
     assert model.training  # evaluate puts the model back in training mode
+
+
+@pytest.mark.parametrize("profile,data_file", [("chat", "chat.jsonl"), ("alpaca", "alpaca.jsonl"),
+                                               ("sharegpt", "sharegpt.jsonl"), ("completion", "completion.jsonl"),
+                                               ("text", "text.jsonl")])
+def test_each_profile_trains_its_example_format(tmp_path, model_dir, profile, data_file):
+    records = [json.loads(line) for line in (REPO / "examples" / "data" / data_file).read_text().splitlines()]
+    config = load_config(write_job(tmp_path, model_dir, records=records[:12], profile=[f'name = "{profile}"'],
+                                   hyperparams=["batch_size = 4", "max_steps = 2"]))
+    result = train(config)
+    assert result.success, result.error
+    assert result.summary["num_train_tokens"] > 0
+    assert result.final_loss is not None and result.final_loss > 0
