@@ -638,6 +638,9 @@ def _accelerate_config_problems(config: JobConfig, where) -> list[str]:
         if given != "auto" and float(given) != float(value):
             problems.append(f"{label}: {path} sets deepspeed_config.{key}: {given} but the job's {job_key} is "
                             f"{value}; set it to auto so the job decides")
+    if launch_file.get("distributed_type") == "FSDP" and not cuda_available():
+        problems.append(f"{label}: FSDP needs CUDA GPUs (Accelerate falls back to unsharded single-process "
+                        "training without them); on CPU use deepspeed_zero3 or multi_cpu")
     if launch_file.get("distributed_type") == "MULTI_CPU":
         problems.append(f"{label}: distributed_type MULTI_CPU makes Accelerate expect mpirun; use "
                         "accelerate_configs/multi_cpu.yaml (MULTI_GPU processes that train on CPU)")

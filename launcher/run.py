@@ -69,21 +69,21 @@ def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[s
             command += ["--multi_gpu"]
     if launch_cfg.num_processes > 1 or not config_file:
         command += ["--num_processes", str(launch_cfg.num_processes)]
-    uses_deepspeed = bool(config_file) and _is_deepspeed_config(config_file)
-    if not cuda_available() and not uses_deepspeed:
+    sharded = bool(config_file) and _distributed_type(config_file) in ("DEEPSPEED", "FSDP")
+    if not cuda_available() and not sharded:
         # Without this Accelerate starts N processes that each believe they are alone (ENVIRONMENT.md).
-        # DeepSpeed is left alone: it finds its CPU accelerator itself, and CPU mode would drop it.
+        # DeepSpeed and FSDP are left alone: they run over gloo themselves, and CPU mode would drop them.
         env["ACCELERATE_USE_CPU"] = "1"
     command += ["--main_process_port", str(launch_cfg.main_process_port or _free_port())]
     command += ["-m", "launcher", "run", str(job_file)]
     return command, env
 
 
-def _is_deepspeed_config(path: str) -> bool:
+def _distributed_type(path: str) -> str | None:
     import yaml
 
     with open(path, encoding="utf-8") as handle:
-        return (yaml.safe_load(handle) or {}).get("distributed_type") == "DEEPSPEED"
+        return (yaml.safe_load(handle) or {}).get("distributed_type")
 
 
 def launch(config: JobConfig) -> TrainingResult:

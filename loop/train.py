@@ -55,25 +55,25 @@ def build_accelerator(config: JobConfig):
 
     h = config.hyperparams
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
     # Several processes without CUDA: gloo, and CPU mode so Accelerate shards data and wraps DDP
-    # (without it every rank trains alone on everything, ENVIRONMENT.md). DeepSpeed keeps cpu=False:
-    # its CPU accelerator runs over gloo by itself, and cpu=True would silently drop it.
+    # (without it every rank trains alone on everything, ENVIRONMENT.md). DeepSpeed and FSDP keep
+    # cpu=False: they run over gloo by themselves, and cpu=True would silently drop them for DDP.
     on_cpu = world_size > 1 and not torch.cuda.is_available()
     process_group = InitProcessGroupKwargs(timeout=timedelta(minutes=config.launch.timeout_minutes),
                                            backend="gloo" if on_cpu else None)
     accelerator = Accelerator(
-        cpu=on_cpu and not uses_deepspeed,
+        cpu=on_cpu and not sharded,
         mixed_precision=MIXED_PRECISION[h.fp_precision],
         gradient_accumulation_steps=h.gradient_accumulation,
         log_with=config.environment.report_to or None,
         project_dir=config.output.output_dir,
         kwargs_handlers=[process_group],
     )
-    if accelerator.num_processes != world_size:
+    if accelerator.num_processes != world_size or (world_size > 1 and accelerator.distributed_type.value == "NO"):
         raise RuntimeError(
-            f"WORLD_SIZE is {world_size} but Accelerate set up {accelerator.num_processes} process(es): every rank "
-            "would train alone on all the data. Launch with `python -m launcher run` or `accelerate launch "
+            f"WORLD_SIZE is {world_size} but Accelerate set up {accelerator.num_processes} process(es) with "
+            f"distributed type {accelerator.distributed_type.value}: every rank would train alone on all the data. Launch with `python -m launcher run` or `accelerate launch "
             "--multi_gpu` (on CPU machines set ACCELERATE_USE_CPU=1).")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
@@ -291,6 +291,9 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
                  "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None},
     )
     run.status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
+    logger.info("%s on %d process(es), device %s, mixed precision %s, %d optimizer steps",
+                accelerator.distributed_type.value, accelerator.num_processes, accelerator.device,
+                accelerator.mixed_precision, total_steps)
     if resume_from:
         logger.info("resuming from %s at step %d", resume_from, progress.step)
     if config.monitoring.preview_steps and not prompt_ids:

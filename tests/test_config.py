@@ -869,8 +869,9 @@ def test_an_unknown_accelerate_config_name_is_refused(tmp_path, shipped_configs)
     assert f"launch.accelerate_config: file not found: {tmp_path / 'jobs' / 'multi_tpu'}" in message
 
 
-def test_shipped_accelerate_configs_resolve_by_name(tmp_path):
+def test_shipped_accelerate_configs_resolve_by_name(tmp_path, monkeypatch):
     """Every YAML file the repository ships loads by its bare name."""
+    monkeypatch.setattr(config_module, "cuda_available", lambda: True)  # fsdp.yaml needs GPUs
     shipped = Path(config_module.__file__).resolve().parent.parent / "accelerate_configs"
     for yaml in sorted(shipped.glob("*.yaml")):
         config = load(tmp_path, {"launch": {"accelerate_config": yaml.stem}})
@@ -1143,9 +1144,16 @@ def test_a_file_that_is_not_an_accelerate_config_is_refused(tmp_path):
         load_config(accelerate_job(tmp_path, "just a string\n"))
 
 
-def test_every_shipped_accelerate_config_is_accepted(tmp_path):
+def test_every_shipped_accelerate_config_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "cuda_available", lambda: True)  # fsdp.yaml needs GPUs
     shipped = sorted((Path(__file__).resolve().parent.parent / "accelerate_configs").glob("*.yaml"))
     assert len(shipped) >= 8
     for path in shipped:
         job = write_job(tmp_path, job_text({"launch": f'accelerate_config = "{path.stem}"'}))
         assert load_config(job).launch.accelerate_config == str(path)
+
+
+def test_fsdp_without_cuda_is_refused(tmp_path):
+    path = accelerate_job(tmp_path, "distributed_type: FSDP\n")
+    with pytest.raises(ConfigError, match="FSDP needs CUDA GPUs"):
+        load_config(path)

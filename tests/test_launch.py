@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launcher import load_config, run_job
 from launcher.demo import build_tiny_model
@@ -139,6 +140,24 @@ def test_a_rank_that_raises_brings_the_job_down_with_its_name(tmp_path, model_di
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["success"] is False
     assert result["error"].startswith("rank 0:") and "flaky profile broke on record 5" in result["error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="FSDP needs 2 CUDA GPUs")
+def test_fsdp_trains_checkpoints_resumes_and_gathers_the_final_model(tmp_path, model_dir, one_process_reference):
+    config = load_config(write_job(
+        tmp_path, model_dir, records=chat_records(32, seed=3),
+        hyperparams=["batch_size = 4", "num_epochs = 2", "save_steps = 4", "save_total_limit = 5"],
+        launch=["num_processes = 2", 'accelerate_config = "fsdp"']))
+    result = run_job(config)
+    assert result.success, result.error
+    first = final_weights(config.output_path)
+    assert_same_weights(*common_weights(final_weights(one_process_reference), first), rel=1e-3)
+    shutil.rmtree(config.output_path / "checkpoints" / "step_000008")
+    shutil.rmtree(config.output_path / "final")
+    resumed = run_job(config)
+    assert resumed.success and resumed.summary["resumed_from"].endswith("step_000004")
+    assert_same_weights(first, final_weights(config.output_path), rel=1e-5)
 
 
 def test_torchrun_without_the_cpu_flag_still_gives_two_real_ranks(tmp_path, model_dir):
