@@ -87,7 +87,11 @@ def load_tokenizer(config: JobConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {error}") from error
+        if not Path(path).exists():  # neither a local folder nor (reachably) a hub id
+            from loop.model import _load_message
+
+            raise ConfigError(_load_message(key, path, error)) from None
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {error}") from None
     if config.data.chat_template:
         tokenizer.chat_template = read_chat_template(config.data.chat_template)
     if tokenizer.pad_token_id is None:

@@ -59,10 +59,19 @@ class Records:
             self.problems.append(f"{self.path}:{line}: {message}")
 
 
+def open_data_file(path: str | Path):
+    """The data file opened for reading, or a `DataError` (exit 2) saying why it cannot be read."""
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the data file ({error.strerror or error}); check that "
+                        "data.dataset_path / data.validation_path name a readable JSONL file") from None
+
+
 def read_records(path: str | Path, profile: Profile, system_prompt: str, on_bad_record: str) -> Records:
     """Parse a JSONL file and apply the profile; bad lines raise `DataError` or are counted."""
     records = Records(path=str(path))
-    with open(path, "rb") as handle:
+    with open_data_file(path) as handle:
         for line_number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -295,7 +304,7 @@ def cache_root(cache_dir: str) -> Path:
 def file_digest(path: str | Path) -> str:
     """Path, size and content hash of a data file (content, so a copied or touched file still hits)."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
+    with open_data_file(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return f"{Path(path).resolve()}:{os.path.getsize(path)}:{digest.hexdigest()}"

@@ -225,6 +225,11 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
         result = TrainingResult(success=False, error=f"rank {rank}: {type(error).__name__}: {error}")
         if run is not None:
             run.status.update(status="failed", error_message=result.error)
+    except BaseException:  # Ctrl-C or SystemExit: say so in status.json, free the folder, re-raise
+        if run is not None:
+            run.status.update(status="failed", error_message="interrupted")
+        lock.release()
+        raise
     finally:
         if config.environment.report_to and run is not None:
             accelerator.end_training()
