@@ -30,7 +30,8 @@ from launcher.config import ConfigError, JobConfig
 from launcher.result import TrainingResult, write_atomic
 from loop.checkpoint import Checkpointer, Progress, RunShape
 from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
-from loop.model import build_model, save_final_model
+from loop.lock import check_lock, write_lock
+from loop.model import build_model, register_checkpoint_hooks, save_final_model
 from loop.preemption import Preempted, StopFlag
 from loop.preview import generate_previews, preview_prompts
 from loop.runlock import OutputLock
@@ -208,7 +209,7 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
         run = setup(config, accelerator, status_writer, lock)
         with StopFlag() as stop:
             final_loss, eval_loss = fit(run, stop, started)
-        final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path)
+        final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path, config=config)
         run.summary.update(final_model=str(final_dir), eval_loss=eval_loss)
         result = TrainingResult(success=True, final_loss=final_loss)
         run.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
@@ -247,6 +248,8 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
     tokenizer = load_tokenizer(config)
     data = build_datasets(config, tokenizer, main_process_first=accelerator.main_process_first)
     model = build_model(config, tokenizer)
+    lock_record = check_lock(config, model, tokenizer)  # the [locked] guard; writes nothing yet
+    register_checkpoint_hooks(accelerator)  # 4-bit bases are rebuilt on load, not saved
     train_loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
                                     batch_size=h.batch_size)
     eval_loader = None
@@ -278,6 +281,7 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
     is_main = accelerator.is_main_process
     if is_main:
         lock.acquire()  # refuses (exit 2) while another live run owns the folder
+        write_lock(output_dir, lock_record)
         write_atomic(output_dir / "job.toml", config.to_toml())
         _log_to_file(output_dir / "train.log")
     checkpointer.remove_incomplete()
