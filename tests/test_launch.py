@@ -179,3 +179,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["lora", "qlora"])
+def test_lora_and_qlora_with_two_processes_match_one_process(tmp_path, model_dir, four_bit):
+    pytest.importorskip("peft")
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    lora = ["enabled = true", "r = 4", "alpha = 8", "dropout = 0.0"]
+    model = [f"load_in_4bit = {'true' if four_bit else 'false'}"]
+    records = chat_records(16, seed=6)
+    one = load_config(write_job(tmp_path / "one", model_dir, records=records, lora=lora, model=model,
+                                hyperparams=["batch_size = 8", "num_epochs = 2"]))
+    two = load_config(write_job(tmp_path / "two", model_dir, records=records, lora=lora, model=model,
+                                hyperparams=["batch_size = 4", "num_epochs = 2"], launch=["num_processes = 2"]))
+    first, second = run_job(one), run_job(two)
+    assert first.success, first.error
+    assert second.success, second.error
+    assert second.summary["world_size"] == 2
+    adapters = [load_file(c.output_path / "final" / "adapter_model.safetensors") for c in (one, two)]
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert_same_weights(*adapters, rel=1e-4)
