@@ -293,7 +293,7 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
         status=StatusFile(output_dir / "status.json" if is_main else None,
                           forward=getattr(status_writer, "write", status_writer)),
         metrics=MetricsLog(output_dir / "metrics.jsonl" if is_main else None, keep_until_step=keep),
-        previews=MetricsLog(output_dir / "previews.jsonl" if is_main else None, keep_until_step=keep),
+        previews=MetricsLog(output_dir / "previews.jsonl" if is_main and prompt_ids else None, keep_until_step=keep),
         preview_prompt_ids=prompt_ids, num_parameters=num_parameters, peak_flops=device_peak_flops(),
         summary={"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
                  "num_parameters": num_parameters, "num_trainable_parameters": num_trainable,
