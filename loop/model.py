@@ -7,11 +7,11 @@
 
 What each mode trains and writes:
 
-| mode | `[model]` / `[lora]` | trains | `final/` |
+| mode | keys | trains | `final/` |
 | --- | --- | --- | --- |
 | full | `lora.enabled = false` | every weight | the model, `from_pretrained`-ready |
-| LoRA | `lora.enabled = true` | the adapters (peft) and `modules_to_save` | the adapter; `merged/` too with `output.merge_lora` |
-| QLoRA | `+ model.load_in_4bit = true` | the same, on an NF4 base (bitsandbytes) | the same; `merged/` merges into a float copy of the base |
+| LoRA | `lora.enabled = true` | adapters (peft), `modules_to_save` | adapter; `merged/` with `output.merge_lora` |
+| QLoRA | and `model.load_in_4bit` | the same, on an NF4 base | the same; `merged/` from a float copy of the base |
 
 Gradient checkpointing is always non-reentrant: it needs no inputs that require grad, so it works on
 a frozen base under LoRA, and its gradients equal those without it (tests/test_lora.py pins both).
@@ -225,8 +225,8 @@ def _add_lora(model, config: JobConfig):
     except ValueError as error:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__})
-        raise ModelLoadError(f"lora.target_modules / lora.modules_to_save: {_first_line(error)}. Linear modules of this "
-                             f"model: {', '.join(linear)}; or use target_modules = \"all-linear\".") from None
+        raise ModelLoadError(f"lora.target_modules / lora.modules_to_save: {_first_line(error)}. Linear modules "
+                             f"of this model: {', '.join(linear)}; or use target_modules = \"all-linear\".") from None
 
 
 # --- step checkpoints of 4-bit models -----------------------------------------------------------

@@ -31,7 +31,7 @@ from launcher.result import TrainingResult, write_atomic
 from loop.checkpoint import Checkpointer, Progress, RunShape
 from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
 from loop.lock import check_lock, write_lock
-from loop.model import build_model, register_checkpoint_hooks, save_final_model
+from loop.model import build_model, count_parameters, register_checkpoint_hooks, save_final_model
 from loop.preemption import Preempted, StopFlag
 from loop.preview import generate_previews, preview_prompts
 from loop.runlock import OutputLock
@@ -90,7 +90,9 @@ def build_optimizer(model, config: JobConfig) -> torch.optim.Optimizer:
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = torch.cuda.is_available()  # fused AdamW kernels exist for CUDA tensors
+    # torch's fused AdamW (one kernel for all parameters, on CUDA and CPU) unless DeepSpeed, which
+    # steps its own flattened partitions; 4-bit models keep the default for their mixed dtypes.
+    fused = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" and not config.model.load_in_4bit
     return torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon,
                              fused=fused or None)
 
@@ -256,8 +258,7 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
     if data.validation is not None:
         eval_loader = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=h.batch_size)
     optimizer = build_optimizer(model, config)
-    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    num_trainable, num_parameters = count_parameters(model)  # 4-bit weights as values, before ZeRO-3 shards
     # Accelerate gives each process ceil(batches / processes) batches (it repeats a few at the end
     # so every process takes the same number of steps).
     total_steps = config.total_steps(math.ceil(len(train_loader) / accelerator.num_processes))

@@ -68,6 +68,7 @@ def test_all_linear_adapts_every_projection_but_not_the_tied_head(tmp_path, make
     assert total == expected + sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 def test_a_list_of_target_modules_and_modules_to_save(tmp_path, make_job, tiny_tokenizer):
     config = make_job(tmp_path, **{**LORA, "lora.target_modules": ["q_proj", "v_proj"],
                                    "lora.modules_to_save": ["lm_head"], "lora.dropout": 0.1})
@@ -192,7 +193,7 @@ def test_qlora_merges_into_a_float_copy_of_the_base(tmp_path, make_job, tiny_mod
 
 # --- training runs ---------------------------------------------------------------------------------
 
-RUN = {"hyperparams.max_steps": 6, "hyperparams.save_steps": 2, "hyperparams.save_total_limit": 10,
+RUN = {"hyperparams.max_steps": 4, "hyperparams.save_steps": 2, "hyperparams.save_total_limit": 10,
        "hyperparams.learning_rate": 1e-2, "hyperparams.warmup_steps": 0, "hyperparams.batch_size": 2,
        "data.max_length": 128, "environment.logging_steps": 1}
 
@@ -219,7 +220,7 @@ def test_adapter_training_learns_and_resumes_exactly(tmp_path, make_job, setting
     assert first.success, first.error
     output_dir = config.output_path
     run_losses = losses(output_dir)
-    assert len(run_losses) == 6 and run_losses[-1] < run_losses[0]
+    assert len(run_losses) == 4 and run_losses[-1] < run_losses[0]
     adapter = load_file(output_dir / "final" / "adapter_model.safetensors")
     assert adapter and all("lora_" in key for key in adapter)
     # Checkpoints of a 4-bit model leave the 4-bit weights out (they are rebuilt from model_path).
@@ -253,3 +254,27 @@ def test_a_training_run_writes_the_merged_model(tmp_path, make_job, tiny_model_d
     expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final), inputs)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(final / "merged"), inputs), expected,
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+@pytest.mark.filterwarnings("ignore:Input and output embeddings are no longer tied")
+def test_a_trained_copy_of_the_tied_head_survives_the_merge(tmp_path, make_job, tiny_model_dir, tiny_tokenizer):
+    """`modules_to_save = ["lm_head"]` on tied embeddings trains a separate head; merged keeps it (untied)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = make_job(tmp_path, **{**LORA, "lora.modules_to_save": ["lm_head"], "output.merge_lora": True})
+    model = build_model(config, tiny_tokenizer)
+    perturb_adapters(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    inputs = batch(len(tiny_tokenizer))
+    trained = logits(model, inputs)
+    final = save_final(config, model, tiny_tokenizer)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)
+    torch.testing.assert_close(logits(adapted, inputs), trained, rtol=0, atol=1e-6)
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    assert not merged.config.tie_word_embeddings
+    torch.testing.assert_close(logits(merged, inputs), trained, rtol=0, atol=1e-5)
