@@ -1,0 +1,346 @@
+"""GPU check: our loop against transformers' Trainer on a ~0.5B Qwen-shaped model, plus QLoRA and
+DeepSpeed ZeRO-2 smoke runs. One script, under 8 minutes on one H100/H200/A100.
+
+    scripts/gpu_check.sh                      # = python bench/gpu.py, on a machine with a CUDA GPU
+    python bench/gpu.py --cpu-smoke           # the same code paths with a tiny model on CPU, a few steps
+    PEAK_TFLOPS=500 python bench/gpu.py       # an MFU denominator for a GPU not in the table
+
+What it does, in a temporary folder, with nothing from a model hub:
+
+1. A Qwen2-0.5B-shaped model from its config (hidden 896, 24 layers, 14 heads, 2 kv heads,
+   intermediate 4864, vocab 151936, tied embeddings; about 494M parameters) with random weights,
+   saved in bf16, and the bench's byte-level BPE ChatML tokenizer (its ids use the first 2048 rows
+   of the embedding; every step still computes the full 151936-way output layer).
+2. Synthetic chat data of skewed lengths, tokenized once into the data cache both sides read.
+3. Dense, our loop: `python -m launcher run` (bf16 autocast on fp32 master weights, packing into
+   rows of 2048 tokens, 4 rows per micro-batch, 2 micro-batches per step (`--batch-size`,
+   `--accumulation`), flash-attention 2 when `flash_attn` imports, else SDPA). Tokens/s are the
+   input tokens the model computed (packed rows, batch padding included) per second over steps
+   11..N, from `metrics.jsonl`; peak memory from result.json (`torch.cuda.max_memory_allocated`).
+4. Dense, Trainer: `bench/hf_trainer.py --device cuda --bf16` on the same rows with the same
+   collator, batch, accumulation, learning rate and attention kernel; tokens/s over the same steps
+   from a callback that synchronises CUDA at each step end; peak memory from the script.
+5. MFU = 6 x parameters x tokens/s / peak bf16 dense FLOP/s (attention FLOPs not counted), with the
+   peak from `PEAK_TFLOPS` or the table below by GPU name. Target for the dense model: >= 40%.
+6. QLoRA smoke: the same job with `model.load_in_4bit = true` and `[lora] enabled = true`, a few
+   steps through `python -m launcher run`; checks that it succeeds, that the loss is finite, and
+   that `final/` holds a LoRA adapter (`adapter_config.json`), i.e. that an adapter was trained.
+7. ZeRO-2 smoke: the same dense job through `python -m launcher run` with `[launch]
+   accelerate_config` naming a one-process DeepSpeed ZeRO-2 file; success, tokens/s, peak memory.
+
+Every run has a time limit, and all of them together at most 7.5 minutes (a run that would start
+with less than 30 s left is reported as skipped). It prints one table at the end and writes its
+raw numbers to `$OUT/gpu_check.json` when `$OUT` is set, else to `bench/results/gpu-<date>.json`
+(`gpu-cpu-smoke-<date>.json` with --cpu-smoke).
+Exit code 0 when every run succeeded (targets missed are reported, not failures), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# bf16 dense (no sparsity) peak TFLOP/s; first match on the device name wins.
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+               ("A100", 312.0), ("L40S", 362.0), ("4090", 165.0)]
+TARGET_MFU = 0.40
+BUDGET_S = 450  # every run gets at most what is left of this, so the script ends within 8 minutes
+
+
+@dataclass
+class Settings:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    accumulation: int
+    max_steps: int
+    logging_steps: int
+    smoke_steps: int
+    num_records: int
+    timeout_s: int
+
+
+FULL = Settings(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                vocab_size=151936, seq_len=2048, batch_size=4, accumulation=2, max_steps=60, logging_steps=10,
+                smoke_steps=6, num_records=6000, timeout_s=240)
+CPU_SMOKE = Settings(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                     vocab_size=4096, seq_len=128, batch_size=2, accumulation=2, max_steps=6, logging_steps=2,
+                     smoke_steps=2, num_records=200, timeout_s=300)
+
+
+def log(message: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def peak_tflops(device_name: str) -> tuple[float | None, str]:
+    """(peak bf16 dense TFLOP/s, where it came from)."""
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"]), "PEAK_TFLOPS"
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value, f"table ({key})"
+    return None, "unknown GPU: set PEAK_TFLOPS"
+
+
+def build_model(folder: Path, settings: Settings, on_gpu: bool) -> int:
+    """The bench tokenizer and a random Qwen2-shaped model in `folder`; its parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.common import TextSource
+    from launcher.demo import build_tokenizer
+
+    tokenizer = build_tokenizer(folder, vocab_size=2048, extra_text=TextSource(seed=1).text(60_000))
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=max(settings.vocab_size, len(tokenizer)), hidden_size=settings.hidden_size,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads, intermediate_size=settings.intermediate_size,
+        max_position_embeddings=max(4096, settings.seq_len), tie_word_embeddings=True, rope_theta=1_000_000.0,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    # Initialised on the GPU when there is one (seconds instead of a minute), saved in bf16 (half the disk).
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    num_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    model.to(torch.bfloat16 if on_gpu else torch.float32).save_pretrained(folder)
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return num_params
+
+
+ZERO2_YAML = """\
+# One process, DeepSpeed ZeRO-2; precision, batch, accumulation and clipping come from the job.
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+num_machines: 1
+num_processes: 1
+mixed_precision: "no"
+deepspeed_config:
+  zero_stage: 2
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: false
+"""
+
+
+def steady_tokens_per_sec(records: list[dict]) -> tuple[float | None, float | None]:
+    """(input tokens/s, s/step) between the first and the last metrics record (steps after the first window)."""
+    if len(records) < 2:
+        return None, None
+    first, last = records[0], records[-1]
+    seconds = last["elapsed_sec"] - first["elapsed_sec"]
+    # input_tokens_per_sec is per logging window; weight each window by its length in seconds.
+    windows = list(zip(records, records[1:]))
+    tokens = sum(after["input_tokens_per_sec"] * (after["elapsed_sec"] - before["elapsed_sec"])
+                 for before, after in windows)
+    return tokens / seconds, seconds / (last["step"] - first["step"])
+
+
+def trainer_tokens_per_sec(timings: dict, first_step: int) -> tuple[float | None, float | None]:
+    """(computed tokens/s, s/step) over steps first_step+1..last from the Trainer script's timings."""
+    ends, accumulation = timings["step_end"], timings["accumulation"]
+    if len(ends) <= first_step:
+        return None, None
+    batches = timings["batches"][first_step * accumulation:len(ends) * accumulation]
+    seconds = ends[-1] - ends[first_step - 1]
+    return sum(b[2] for b in batches) / seconds, seconds / (len(ends) - first_step)
+
+
+def read_result(output: Path) -> dict:
+    path = output / "result.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, a few steps: checks the code paths")
+    parser.add_argument("--skip", action="append", default=[], choices=("trainer", "qlora", "zero2"),
+                        help="leave out a part (repeatable)")
+    parser.add_argument("--batch-size", type=int, help="rows of 2048 tokens per micro-batch (default 4; lower it "
+                                                       "on GPUs under 40 GB)")
+    parser.add_argument("--accumulation", type=int, help="micro-batches per optimizer step (default 2)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from bench.common import (PYTHON, REPO_ROOT, THREADS, chat_records, configure_process, launcher_command,
+                              prepared_data, read_metrics, run_command, workspace, write_job, write_jsonl)
+
+    on_gpu = torch.cuda.is_available() and not args.cpu_smoke
+    if not on_gpu and not args.cpu_smoke:
+        print("error: no CUDA GPU here; run with --cpu-smoke to check the code paths on CPU", file=sys.stderr)
+        return 2
+    if on_gpu and importlib.util.find_spec("flash_attn") is None:
+        log("flash_attn is not installed: using SDPA (packed rows then compute attention across examples, masked)")
+    settings = CPU_SMOKE if args.cpu_smoke else FULL
+    settings = Settings(**{**asdict(settings), **{k: v for k, v in (("batch_size", args.batch_size),
+                                                                     ("accumulation", args.accumulation)) if v}})
+    # No hub, quiet libraries; one thread per process on CPU, torch's own choice on a GPU machine.
+    configure_process(threads=None if on_gpu else THREADS)
+    started = time.time()
+    deadline = started + BUDGET_S
+
+    def time_left(cap: int) -> int:
+        return int(min(cap, deadline - time.time()))
+
+    device_name = torch.cuda.get_device_name(0) if on_gpu else "CPU (smoke run)"
+    peak, peak_source = peak_tflops(device_name) if on_gpu else (
+        (float(os.environ["PEAK_TFLOPS"]), "PEAK_TFLOPS") if os.environ.get("PEAK_TFLOPS") else (None, "CPU: n/a"))
+    flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
+    attention = "flash_attention_2" if flash else "sdpa"
+    log(f"{device_name}; attention {attention}; peak {peak} TFLOP/s ({peak_source})")
+
+    folder = workspace() / "gpu"
+    model_dir = folder / "model"
+    model_dir.mkdir(parents=True)
+    log(f"building the model from its config ({settings.hidden_size} hidden, {settings.num_layers} layers)")
+    num_params = build_model(model_dir, settings, on_gpu)
+    log(f"{num_params / 1e6:.1f}M parameters; writing {settings.num_records} chat records")
+    data = write_jsonl(folder / "train.jsonl", chat_records(settings.num_records, model_dir, lengths="lognormal",
+                                                            low=16, high=settings.seq_len))
+    dense = {
+        "model.attn_implementation": attention, "data.packing": True, "data.max_length": settings.seq_len,
+        "hyperparams.batch_size": settings.batch_size, "hyperparams.gradient_accumulation": settings.accumulation,
+        "hyperparams.fp_precision": "bf16", "hyperparams.learning_rate": 1e-5, "hyperparams.warmup_steps": 0,
+        "hyperparams.max_steps": settings.max_steps, "environment.logging_steps": settings.logging_steps,
+    }
+    job = write_job(folder / "dense", model_dir, data, **dense)
+    prepared, _ = prepared_data(job)
+    log(f"data: {prepared.report.num_train_sequences} packed rows of up to {settings.seq_len} tokens")
+    results: dict = {"device": device_name, "attention": attention, "peak_tflops": peak, "peak_source": peak_source,
+                     "num_params": num_params, "settings": asdict(settings), "cpu_smoke": args.cpu_smoke,
+                     "torch": torch.__version__, "runs": {}}
+
+    def mfu(tokens_per_sec: float | None) -> float | None:
+        return 6 * num_params * tokens_per_sec / (peak * 1e12) if peak and tokens_per_sec else None
+
+    def out_of_time(name: str) -> bool:
+        if time_left(settings.timeout_s) >= 30:
+            return False
+        log(f"{name}: skipped, the {BUDGET_S} s budget is spent")
+        results["runs"][name] = {"success": False, "error": f"skipped: the script's {BUDGET_S} s budget was spent"}
+        return True
+
+    def ours(name: str, job_path: Path, *overrides: str) -> dict:
+        if out_of_time(name):
+            return results["runs"][name]
+        output = folder / name / "out"
+        log(f"{name}: python -m launcher run")
+        _, seconds, code = run_command(launcher_command(job_path, f"output.output_dir={output}", *overrides),
+                                       folder / f"{name}.log", timeout=time_left(settings.timeout_s), check=False)
+        result = read_result(output)
+        tokens_per_sec, step_s = steady_tokens_per_sec(read_metrics(output))
+        run = {"exit_code": code, "success": bool(result.get("success")) and code == 0, "wall_s": seconds,
+               "tokens_per_sec": tokens_per_sec, "s_per_step": step_s, "mfu": mfu(tokens_per_sec),
+               "final_loss": result.get("final_loss"),
+               "error": result.get("error") or ("timed out" if code == 124 else None),
+               "peak_memory_bytes": (result.get("summary") or {}).get("peak_memory_bytes"),
+               "log": str(folder / f"{name}.log")}
+        if code != 0:
+            run["log_tail"] = (folder / f"{name}.log").read_text(errors="replace")[-2000:]
+        results["runs"][name] = run
+        return run
+
+    ours("ours dense", job)
+
+    if "trainer" not in args.skip and not out_of_time("Trainer dense"):
+        log("Trainer dense: bench/hf_trainer.py")
+        h_output, timings = folder / "trainer", folder / "trainer.json"
+        command = [PYTHON, str(REPO_ROOT / "bench" / "hf_trainer.py"), "--model", str(model_dir),
+                   "--train", str(prepared.cache_path / "train"), "--output", str(h_output),
+                   "--timings", str(timings), "--batch-size", str(settings.batch_size),
+                   "--accumulation", str(settings.accumulation), "--learning-rate", "1e-5",
+                   "--max-steps", str(settings.max_steps), "--logging-steps", str(settings.logging_steps),
+                   "--collator", "ours", "--attn", attention, "--bf16", "--no-save",
+                   "--device", "cuda" if on_gpu else "cpu"]
+        _, seconds, code = run_command(command, folder / "trainer.log", timeout=time_left(settings.timeout_s),
+                                       check=False)
+        run = {"exit_code": code, "success": code == 0 and timings.exists(), "wall_s": seconds,
+               "error": "timed out" if code == 124 else None}
+        if run["success"]:
+            data_ = json.loads(timings.read_text())
+            tokens_per_sec, step_s = trainer_tokens_per_sec(data_, settings.logging_steps)
+            run.update(tokens_per_sec=tokens_per_sec, s_per_step=step_s, mfu=mfu(tokens_per_sec),
+                       final_loss=data_.get("train_loss"), peak_memory_bytes=data_.get("peak_memory_bytes"))
+        else:
+            run["log_tail"] = (folder / "trainer.log").read_text(errors="replace")[-2000:]
+        results["runs"]["Trainer dense"] = run
+
+    if "qlora" not in args.skip:
+        if on_gpu and importlib.util.find_spec("bitsandbytes") is None:
+            results["runs"]["ours QLoRA"] = {"success": False, "error": "bitsandbytes is not installed"}
+        else:
+            qlora_job = write_job(folder / "qlora", model_dir, data, **{
+                **dense, "model.load_in_4bit": True, "lora.enabled": True, "lora.r": 16,
+                "hyperparams.max_steps": settings.smoke_steps, "hyperparams.learning_rate": 1e-4,
+                "environment.logging_steps": 1})
+            run = ours("ours QLoRA", qlora_job)
+            final = folder / "ours QLoRA" / "out" / "final"
+            run["adapter_saved"] = (final / "adapter_config.json").exists()
+            if run.get("success") and not run["adapter_saved"]:
+                run["success"] = False
+                run["error"] = ("trained, but final/ holds no LoRA adapter: [lora] and model.load_in_4bit were "
+                                "not applied (a full fine-tune ran instead)")
+
+    if "zero2" not in args.skip:
+        config_file = folder / "zero2.yaml"
+        config_file.write_text(ZERO2_YAML)
+        zero_job = write_job(folder / "zero2", model_dir, data, **{**dense, "launch.accelerate_config": str(config_file),
+                                                                   "hyperparams.max_steps": max(settings.smoke_steps,
+                                                                                                2 * settings.logging_steps)})
+        ours("ours ZeRO-2", zero_job)
+
+    results["total_s"] = time.time() - started
+    print(table(results))
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO_ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu_check.json" if os.environ.get("OUT") else \
+        f"gpu-{'cpu-smoke-' if args.cpu_smoke else ''}{time.strftime('%Y-%m-%d')}.json"
+    (out_dir / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    log(f"wrote {out_dir / name}; {results['total_s'] / 60:.1f} min")
+    return 0 if all(run.get("success") for run in results["runs"].values()) else 1
+
+
+def table(results: dict) -> str:
+    def fmt(value, spec: str, scale: float = 1.0) -> str:
+        return "" if value is None else format(value * scale, spec)
+
+    gib = 1 / 2**30
+    lines = [f"\n{results['device']}, {results['num_params'] / 1e6:.0f}M parameters, bf16, seq "
+             f"{results['settings']['seq_len']}, packed, {results['attention']}; peak "
+             f"{results['peak_tflops'] or 'n/a'} TFLOP/s ({results['peak_source']})\n",
+             "| run | ok | tokens/s | s/step | MFU | peak memory GiB | final loss | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, run in results["runs"].items():
+        note = run.get("error") or ""
+        if "adapter_saved" in run:
+            note = note or "LoRA adapter saved"
+        if name == "ours dense" and run.get("mfu") is not None:
+            note = f"MFU target >= {TARGET_MFU:.0%}: {'met' if run['mfu'] >= TARGET_MFU else 'MISSED'}"
+        lines.append(f"| {name} | {'yes' if run.get('success') else 'NO'} | {fmt(run.get('tokens_per_sec'), ',.0f')} | "
+                     f"{fmt(run.get('s_per_step'), '.3f')} | {fmt(run.get('mfu'), '.1%')} | "
+                     f"{fmt(run.get('peak_memory_bytes'), '.1f', gib)} | {fmt(run.get('final_loss'), '.3f')} | "
+                     f"{str(note).splitlines()[0][:160] if note else ''} |")
+    ours, hf = results["runs"].get("ours dense", {}), results["runs"].get("Trainer dense", {})
+    if ours.get("tokens_per_sec") and hf.get("tokens_per_sec"):
+        lines.append(f"\nours / Trainer tokens/s: {ours['tokens_per_sec'] / hf['tokens_per_sec']:.3f}x")
+    lines.append(f"total {results['total_s'] / 60:.1f} min")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

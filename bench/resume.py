@@ -1,0 +1,132 @@
+"""6. Resume cost: seconds to the first step when resuming at an early and at a late checkpoint.
+
+    python -m bench.resume [--quick]
+
+Setup (in this process, not timed): the bench model on 200 short chat records, 1 example per
+micro-batch, so the epoch has 200 batches. One run saves a checkpoint at step 10 (early: 10 batches
+into the epoch); another saves one at step 190 (late: 190 batches in, near the epoch's end).
+
+Timed, as subprocesses in alternating rounds (rotating the order): `python -m launcher run` on a
+fresh output folder holding only a copy of one checkpoint, with `max_steps` one past the
+checkpoint and logging every step; a fresh start (no checkpoint) runs once at the end, for
+reference. Two clocks per run:
+- command to first step: from the wall clock read just before the subprocess starts to when the
+  run's only `metrics.jsonl` record was written (the file's modification time);
+- in the run: that record's `elapsed_sec`, from the start of `train()` (Accelerate, data, model,
+  checkpoint load, the skip to the data position) to the end of the first step. Interpreter and
+  import time, the same whatever the checkpoint and the noisiest part on a shared machine, is
+  left out, so this is the figure the target applies to.
+Resuming must not replay consumed data, so early and late should cost the same: the figures are
+late / early per round.
+
+A second figure looks at the data position alone, in this process: the time to the first window
+of `loop.train.windows` (what `fit` iterates) when starting at batch 0 and at the last batch of
+an epoch of 50,000 one-example batches. Accelerate's `skip_first_batches` skips batch indices
+through the sampler without loading or collating the skipped examples; this checks it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from bench.common import (Row, alternate, bench_model, dataset_file, first_record_time, launcher_command, load_job,
+                          log, main_for, median, prepared_data, read_metrics, run_command, spread, train_in_process,
+                          verdict, workspace, write_job)
+
+NAME = "resume"
+EARLY, LATE, NUM_EXAMPLES = 10, 190, 200
+QUICK_EARLY, QUICK_LATE, QUICK_NUM_EXAMPLES = 5, 40, 50
+
+
+def make_checkpoints(folder: Path, job: Path, steps: dict[str, int]) -> dict[str, Path]:
+    """{"early": checkpoint at steps["early"], "late": at steps["late"]}, made by training."""
+    found = {}
+    for name, step in steps.items():
+        output = folder / f"make-{name}"
+        train_in_process(job, output, **{"hyperparams.max_steps": step, "hyperparams.save_steps": step})
+        found[name] = output / "checkpoints" / f"step_{step:06d}"
+        assert (found[name] / "COMPLETE").exists(), f"no checkpoint at {found[name]}"
+    return found
+
+
+def skip_cost(job: Path, rounds: int, num_batches: int = 50_000) -> tuple[list[float], list[float]]:
+    """Seconds to the first window of `windows()` starting at batch 0, and at batch num_batches - 1."""
+    import datasets
+
+    from loop.data import build_dataloader
+    from loop.train import build_accelerator, windows
+
+    config = load_job(job, **{"hyperparams.batch_size": 1})
+    _, tokenizer = prepared_data(job)
+    row = list(range(64))
+    rows = datasets.Dataset.from_dict({"input_ids": [row] * num_batches, "labels": [row] * num_batches})
+    accelerator = build_accelerator(config)
+    loader = accelerator.prepare(build_dataloader(rows, config, tokenizer, shuffle=True, batch_size=1))
+    first, last = [], []
+    for _ in range(rounds):
+        for start, out in ((0, first), (num_batches - 1, last)):
+            started = time.perf_counter()
+            next(windows(loader, accelerator, 1, 0, start))
+            out.append(time.perf_counter() - started)
+    return first, last
+
+
+def run(quick: bool = False) -> list[Row]:
+    rounds = 1 if quick else 3
+    early, late, num_examples = (QUICK_EARLY, QUICK_LATE, QUICK_NUM_EXAMPLES) if quick else (EARLY, LATE, NUM_EXAMPLES)
+    folder = workspace() / NAME
+    data = dataset_file(f"resume-{num_examples}", num_examples, lengths="uniform", low=16, high=64)
+    job = write_job(folder, bench_model(), data, **{"hyperparams.batch_size": 1, "data.max_length": 128})
+    log(f"{NAME}: training to make checkpoints at steps {early} and {late}")
+    checkpoints = make_checkpoints(folder, job, {"early": early, "late": late})
+
+    in_run: dict[str, list[float]] = {"fresh": [], "early": [], "late": []}
+
+    def variant(name: str):
+        step = {"fresh": 0, "early": early, "late": late}[name]
+
+        def measure(round_index: int) -> float:
+            output = folder / f"{name}-{round_index}"
+            if name != "fresh":
+                shutil.copytree(checkpoints[name], output / "checkpoints" / checkpoints[name].name)
+            command = launcher_command(job, f"output.output_dir={output}", f"hyperparams.max_steps={step + 1}",
+                                       "environment.logging_steps=1")
+            started, _, _ = run_command(command, folder / f"{name}-{round_index}.log")
+            in_run[name].append(read_metrics(output)[0]["elapsed_sec"])
+            return first_record_time(output) - started
+        return measure
+
+    seconds = alternate(rounds, {name: variant(name) for name in ("early", "late")}, label=NAME)
+    if not quick:
+        log(f"{NAME}: a fresh start, for reference")
+        seconds["fresh"] = [variant("fresh")(0)]
+    late_early = [b / a for a, b in zip(seconds["early"], seconds["late"])]
+    late_early_in_run = [b / a for a, b in zip(in_run["early"], in_run["late"])]
+    log(f"{NAME}: first window after skipping 0 and 49,999 batches")
+    first, last = skip_cost(job, 3 if quick else 5)
+    skip_ratios = [b / a for a, b in zip(first, last)]
+    fresh = f"fresh start {median(seconds['fresh']):.1f} s ({median(in_run['fresh']):.1f} s in the run), " \
+        if seconds.get("fresh") else ""
+    return [
+        Row(bench="6 resume", figure=f"to first step in the run (`train()` start), resumed late (step {late}) / "
+                                     f"early (step {early})",
+            value=f"{median(late_early_in_run):.2f}x", spread=spread(late_early_in_run, "{:.2f}", "x"),
+            target="about 1.00x (<= 1.10x)", met=verdict(median(late_early_in_run) <= 1.10),
+            detail=f"{fresh}early {median(in_run['early']):.2f} s, late {median(in_run['late']):.2f} s "
+                   f"(epoch of {num_examples} batches)", raw={"in_run_s": in_run}),
+        Row(bench="6 resume", figure="command to first step, resumed late / early",
+            value=f"{median(late_early):.2f}x", spread=spread(late_early, "{:.2f}", "x"),
+            detail=f"{fresh}early {median(seconds['early']):.1f} s, late {median(seconds['late']):.1f} s",
+            raw={"seconds": seconds}),
+        Row(bench="6 resume", figure="first window of `windows()` after skipping 49,999 batches / 0",
+            value=f"{median(skip_ratios):.2f}x", spread=spread(skip_ratios, "{:.2f}", "x"),
+            detail=f"{median(first) * 1e3:.1f} ms at batch 0, {median(last) * 1e3:.1f} ms at batch 49,999 "
+                   f"({(median(last) - median(first)) / 49_999 * 1e6:.2f} us per skipped batch)",
+            raw={"first_s": first, "last_s": last}),
+    ]
+
+
+if __name__ == "__main__":
+    main_for(run)
