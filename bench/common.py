@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from launcher.config import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -361,16 +362,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 # The settings every benchmark job shares: fp32 (bf16 autocast is 1.5x slower on CPU), no eval,
@@ -396,7 +387,7 @@ def write_job(folder: Path, model_dir: Path, dataset: Path, **overrides: Any) ->
     sections: dict[str, list[str]] = {}
     for dotted, value in values.items():
         section, key = dotted.split(".", 1)
-        sections.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
+        sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
     path = folder / "job.toml"
     path.write_text("\n".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items()),
                     encoding="utf-8")

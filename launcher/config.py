@@ -269,7 +269,7 @@ class JobConfig:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
             lines.append("")
         return "\n".join(lines)
 
@@ -307,15 +307,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value written as TOML (what `to_toml` uses; tests and benchmarks write job files with it)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML forbids a bare DEL
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -658,7 +659,7 @@ def reference_markdown() -> str:
         out.append("| key | default | meaning |\n| --- | --- | --- |")
         instance = cls()
         for f in dataclasses.fields(cls):
-            default = _toml_value(getattr(instance, f.name))
+            default = toml_value(getattr(instance, f.name))
             required = f"{section.name}.{f.name}" in REQUIRED
             doc = docs.get(f.name, "").replace("|", "\\|")  # a bare `|` would end the table cell
             out.append(f"| `{f.name}` | {'required' if required else f'`{default}`'} | {doc} |")

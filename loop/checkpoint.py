@@ -135,13 +135,15 @@ class Checkpointer:
         return sorted(found, key=lambda item: item[1])
 
     def remove_incomplete(self) -> None:
-        """Delete temporary and unmarked checkpoint folders a killed run left behind (ours only)."""
+        """Delete temporary and unmarked checkpoint folders a killed run left behind (ours only),
+        and apply retention, which a kill between a save and its clean-up may have left undone."""
         if not self.accelerator.is_main_process or not self.root.is_dir():
             return
         for path in self.root.iterdir():
             if path.is_dir() and _OURS.match(path.name) and not (path / COMPLETE_MARKER).exists():
                 logger.info("removing incomplete checkpoint %s", path)
                 shutil.rmtree(path, ignore_errors=True)
+        self._apply_retention()
 
     def resolve_resume(self, resume: str, *, overwrite: bool) -> Path | None:
         """The checkpoint to continue from, or None for a fresh start; refuses to clobber a run."""

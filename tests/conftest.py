@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from launcher.config import toml_value
 
 
 def chat_records(count: int = 16) -> list[dict[str, Any]]:
@@ -43,18 +43,6 @@ def write_jsonl(path: str | Path, records: list[Any]) -> Path:
     return path
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -115,7 +103,7 @@ def make_job(tiny_model_dir):
         sections: dict[str, list[str]] = {}
         for dotted, value in values.items():
             section, key = dotted.split(".", 1)
-            sections.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
+            sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
         text = "\n".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items())
         (folder / "job.toml").write_text(text, encoding="utf-8")
         return load_config(folder / "job.toml")

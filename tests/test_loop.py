@@ -294,3 +294,19 @@ def test_each_profile_trains_its_example_format(tmp_path, model_dir, profile, da
     assert result.success, result.error
     assert result.summary["num_train_tokens"] > 0
     assert result.final_loss is not None and result.final_loss > 0
+
+
+def test_retention_left_undone_by_a_kill_is_applied_when_the_run_restarts(tmp_path, model_dir):
+    job = write_job(tmp_path, model_dir, hyperparams=["save_steps = 2", "save_total_limit = 2", "max_steps = 6"])
+    config = load_config(job)
+    assert train(config).success
+    checkpoints = config.output_path / "checkpoints"
+    import shutil
+    # A kill after a save's rename but before its clean-up leaves one complete checkpoint too many.
+    shutil.copytree(checkpoints / "step_000004", checkpoints / "step_000002")
+    progress = checkpoints / "step_000002" / "progress.json"
+    record = json.loads(progress.read_text())
+    record["progress"]["step"] = 2
+    progress.write_text(json.dumps(record))
+    assert train(config).success  # resumes at step 6: nothing left to train, nothing new saved
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004", "step_000006"]

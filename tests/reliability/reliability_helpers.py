@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -16,24 +15,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from launcher.config import toml_value
 
 REPO = Path(__file__).resolve().parents[2]
 STATS_ENV = "RELIABILITY_STATS_DIR"
 STEP_DIR = re.compile(r"^step_\d{6,}$")
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 @functools.lru_cache(maxsize=1)
