@@ -19,18 +19,16 @@ run is left exactly as it was: modes, `use_cache` and every RNG state are restor
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import Any, Iterable
 
 import torch
 
 from launcher.config import JobConfig
+from loop.data_render import IGNORE_INDEX
+from profiles import fill_system_prompt
 
 logger = logging.getLogger(__name__)
-
-# Same value as `loop.data.IGNORE_INDEX`: a label that carries no loss.
-IGNORE_INDEX = -100
 
 
 def preview_prompts(config: JobConfig, validation: Iterable[dict] | None, tokenizer) -> list[list[int]]:
@@ -46,7 +44,7 @@ def preview_prompts(config: JobConfig, validation: Iterable[dict] | None, tokeni
     """
     monitoring = config.monitoring
     if monitoring.preview_prompts:
-        system = config.profile.system_prompt.replace("{date}", datetime.date.today().isoformat())
+        system = fill_system_prompt(config.profile.system_prompt)
         prompts = []
         for text in monitoring.preview_prompts:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
