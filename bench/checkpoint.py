@@ -86,7 +86,8 @@ def run(quick: bool = False) -> list[Row]:
     size_ratio = median(sizes["ours"]) / param_bytes
     mb = 1024 * 1024
     return [
-        Row(bench="7 checkpoint", figure="save time: ours (`Checkpointer.save`) / plain `torch.save` of model + optimizer",
+        Row(bench="7 checkpoint",
+            figure="save time: ours (`Checkpointer.save`) / plain `torch.save` of model + optimizer",
             value=f"{median(ratios):.2f}x", spread=spread(ratios, "{:.2f}", "x"),
             detail=f"ours {median(seconds['ours']):.2f} s ({median(sizes['ours']) / mb / median(seconds['ours']):.0f} "
                    f"MiB/s), plain {median(seconds['plain']):.2f} s",

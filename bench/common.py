@@ -458,6 +458,7 @@ class Interleaver:
 
     def __init__(self, bare_loops: list):
         self.bare_loops = bare_loops
+        self.optimizer = None
         self.left: float | None = None
         self.steps: list[tuple[float, ...]] = []
 
@@ -480,18 +481,33 @@ def train_interleaved(job: Path, output_dir: Path, others: list, **overrides: An
 
     The hook is the scheduler our loop builds, wrapped (`loop.train.build_scheduler` is patched in
     this process for the duration of the run): its `step()` is called once per optimizer step,
-    right after `optimizer.step()`. Returns the `Interleaver` holding the per-step times.
+    right after `optimizer.step()`. Returns the `Interleaver` holding the per-step times (and, as
+    `.optimizer`, the optimizer our loop built).
     """
     import loop.train
 
     hook = Interleaver(others)
     build_scheduler = loop.train.build_scheduler
-    loop.train.build_scheduler = lambda *args, **kwargs: SteppedScheduler(build_scheduler(*args, **kwargs), hook)
+
+    def hooked(optimizer, *args, **kwargs):
+        hook.optimizer = optimizer  # for the report: which AdamW our loop built
+        return SteppedScheduler(build_scheduler(optimizer, *args, **kwargs), hook)
+
+    loop.train.build_scheduler = hooked
     try:
         train_in_process(job, output_dir, **overrides)
     finally:
         loop.train.build_scheduler = build_scheduler
     return hook
+
+
+def adamw_kind(optimizer) -> str:
+    """"fused", "foreach" or "for-loop": which implementation a torch AdamW (maybe Accelerate-wrapped) runs."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(optimizer, "defaults", {})
+    if defaults.get("fused"):
+        return "fused"
+    return "for-loop" if defaults.get("foreach") is False else "foreach"
 
 
 def main_for(run: Callable[[bool], list[Row]], argv: list[str] | None = None) -> None:

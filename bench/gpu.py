@@ -167,7 +167,8 @@ def read_result(output: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, a few steps: checks the code paths")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny model on CPU, a few steps: checks the code paths")
     parser.add_argument("--skip", action="append", default=[], choices=("trainer", "qlora", "zero2"),
                         help="leave out a part (repeatable)")
     parser.add_argument("--batch-size", type=int, help="rows of 2048 tokens per micro-batch (default 4; lower it "
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hyperparams.max_steps": settings.smoke_steps, "hyperparams.learning_rate": 1e-4,
                 "environment.logging_steps": 1})
             run = ours("ours QLoRA", qlora_job)
+            run["mfu"] = None  # 6N counts weight gradients a frozen 4-bit base never computes
             final = folder / "ours QLoRA" / "out" / "final"
             run["adapter_saved"] = (final / "adapter_config.json").exists()
             if run.get("success") and not run["adapter_saved"]:
@@ -299,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     if "zero2" not in args.skip:
         config_file = folder / "zero2.yaml"
         config_file.write_text(ZERO2_YAML)
-        zero_job = write_job(folder / "zero2", model_dir, data, **{**dense, "launch.accelerate_config": str(config_file),
-                                                                   "hyperparams.max_steps": max(settings.smoke_steps,
-                                                                                                2 * settings.logging_steps)})
+        zero_steps = max(settings.smoke_steps, 2 * settings.logging_steps)
+        zero_job = write_job(folder / "zero2", model_dir, data, **{
+            **dense, "launch.accelerate_config": str(config_file), "hyperparams.max_steps": zero_steps})
         ours("ours ZeRO-2", zero_job)
 
     results["total_s"] = time.time() - started
@@ -320,7 +322,7 @@ def table(results: dict) -> str:
         return "" if value is None else format(value * scale, spec)
 
     gib = 1 / 2**30
-    lines = [f"\n{results['device']}, {results['num_params'] / 1e6:.0f}M parameters, bf16, seq "
+    lines = [f"\n{results['device']}, {results['num_params'] / 1e6:.1f}M parameters, bf16, seq "
              f"{results['settings']['seq_len']}, packed, {results['attention']}; peak "
              f"{results['peak_tflops'] or 'n/a'} TFLOP/s ({results['peak_source']})\n",
              "| run | ok | tokens/s | s/step | MFU | peak memory GiB | final loss | note |",

@@ -41,8 +41,11 @@ def run(quick: bool = False) -> list[Row]:
         return [r[key] / r[over] for r in runs]
 
     cold1, cold2, hit = column("cold1", "floor"), column("cold2", "floor"), column("hit", "cold1")
-    detail = (f"{records} records; floor {median([r['floor'] for r in runs]):.2f} s, cold {median([r['cold1'] for r in runs]):.2f} s, "
-              f"cold num_proc 2 {median([r['cold2'] for r in runs]):.2f} s, hit {median([r['hit'] for r in runs]):.3f} s")
+    def seconds(key: str) -> float:
+        return median([r[key] for r in runs])
+
+    detail = (f"{records} records; floor {seconds('floor'):.2f} s, cold {seconds('cold1'):.2f} s, cold num_proc 2 "
+              f"{seconds('cold2'):.2f} s, hit {seconds('hit'):.3f} s")
     return [
         Row(bench="5 preprocessing", figure="cold `build_datasets` (num_proc 1) / bare apply_chat_template loop",
             value=f"{median(cold1):.2f}x", spread=spread(cold1, "{:.2f}", "x"), target="<= 1.50x",
