@@ -1,16 +1,17 @@
 """What every benchmark shares: the bench model and data, job files, subprocesses, and robust statistics.
 
-    from bench.common import Row, workspace, bench_model, chat_records, write_job, alternate, ratio_cell
+    from bench.common import Row, alternate, bench_model, dataset_file, train_interleaved, workspace, write_job
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained on generated text, the
 model a Qwen3-shaped causal LM with random weights, the data synthetic chat records.
 
 Timing on a shared 2-core machine: round-to-round noise is about +/-12% (ENVIRONMENT.md), so every
-figure is a ratio of variants measured in alternating rounds inside one script, reported as the
-median with its min-max spread. Every process of a benchmark (ours, the baselines, subprocesses)
-uses the same number of torch threads, 1 by default (`BENCH_THREADS`): with other processes on the
-two cores, two threads per process were 2-4x slower and far noisier than one in our measurements,
-because each op waits for its slowest thread.
+figure is a ratio of variants measured alternately inside one script (rounds of whole runs, or
+step by step with `train_interleaved`), reported as the median with its min-max spread. Every
+process of a benchmark (ours, the baselines, subprocesses) uses the same number of torch threads,
+1 by default (`BENCH_THREADS`): with other processes on the two cores, two threads per process
+were 2-4x slower and far noisier than one in our measurements, because each op waits for its
+slowest thread.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
 from launcher.config import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -362,8 +364,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-
-
 # The settings every benchmark job shares: fp32 (bf16 autocast is 1.5x slower on CPU), no eval,
 # no step checkpoints, the default logging interval.
 BASE_JOB = {
@@ -409,16 +409,19 @@ def prepared_data(job: Path):
     return build_datasets(config, tokenizer), tokenizer
 
 
-def train_in_process(job: Path, output_dir: Path, *, status_writer: Callable | None = None, **overrides: Any):
-    """`loop.train.train` on `job` with `output_dir` (fresh) and dotted overrides; the result.
+def train_in_process(job: Path, output_dir: Path, *, status_writer: Callable | None = None, clear: bool = True,
+                     **overrides: Any):
+    """`loop.train.train` on `job` with `output_dir` and dotted overrides; the result.
 
-    `status_writer` is the loop's public hook: called with the status fields at every update.
+    `output_dir` is emptied first unless `clear` is false (e.g. to resume from a checkpoint put
+    there). `status_writer` is the loop's public hook: called with the status fields at every update.
     Removes the log-file handler `train` adds to the root logger, so runs in one process do not
     write into each other's train.log.
     """
     from loop.train import train
 
-    shutil.rmtree(output_dir, ignore_errors=True)
+    if clear:
+        shutil.rmtree(output_dir, ignore_errors=True)
     config = load_job(job, **{"output.output_dir": str(output_dir), **overrides})
     root = logging.getLogger()
     before = list(root.handlers)

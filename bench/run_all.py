@@ -50,6 +50,26 @@ BENCHMARKS = {
     "checkpoint": "bench.checkpoint",
 }
 OPTIONAL_SCRIPTS = {"memory": REPO_ROOT / "bench" / "bench_memory.py"}
+# One line per benchmark for the report; the module docstrings say it in full.
+HOW = {
+    "overhead": "our `train()` in this process; after each of its optimizer steps (a hook on the scheduler it "
+                "builds) a bare torch loop does the same step on the same batches with the same weights and AdamW; "
+                "steps summed in windows of 10, first window left out",
+    "trainer": "per step: our `train()` and transformers' `Trainer` (in a thread, released one step at a time) "
+               "interleaved step by step on the same packed rows and settings; end to end: `python -m launcher "
+               "run` against `python bench/hf_trainer.py` as subprocesses, alternating rounds",
+    "waste": "one epoch of skewed-length chat data per variant, alternating rounds; real share from the batches "
+             "each loader makes; trained tokens/s over steps 2..last",
+    "startup": "subprocesses in alternating rounds; end of first step = modification time of the run's only "
+               "metrics record (Trainer: a callback), against the wall clock before the start",
+    "preprocess": "`bench/bench_preprocess.py --records N` run twice; its per-run ratios",
+    "resume": "resuming from copies of a step-10 and a step-190 checkpoint (epoch of 200 batches), in this "
+              "process (warm) and as `python -m launcher run`, alternating rounds; plus the time to the first "
+              "batch after skipping 49,999",
+    "checkpoint": "our `Checkpointer.save` against `torch.save` of model and optimizer state, alternating rounds, "
+                  "after two training steps",
+    "memory": "a colleague's module: fresh processes per variant, resident memory and step time (its docstring)",
+}
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
@@ -152,6 +172,11 @@ def report(rows: list[Row], info: dict, num_params: int, total: float, timings: 
         "measured is in the docstring of its module (`bench/<module>.py`).",
         "",
         markdown_table(rows),
+        "",
+        "## How each figure is measured",
+        "",
+        *[f"- **{name}** (`{BENCHMARKS.get(name, 'bench.bench_' + name)}`): {HOW[name]}." for name in timings
+          if name in HOW],
         "",
         "## Details",
         "",
