@@ -98,11 +98,22 @@ def build_optimizer(model, config: JobConfig) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer, config: JobConfig, total_steps: int):
-    from transformers import get_scheduler
-
+    """Linear warm-up, then cosine to 0, linear to 0 or constant: the same factors as transformers'
+    `cosine`, `linear` and `constant_with_warmup` schedules, without importing its trainer stack."""
     h = config.hyperparams
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[h.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=total_steps)
+    warmup, decay = h.warmup_steps, max(1, total_steps - h.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / decay
+        if h.lr_scheduler == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        if h.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --- the pieces of a step -----------------------------------------------------------------------
@@ -110,10 +121,12 @@ def build_scheduler(optimizer, config: JobConfig, total_steps: int):
 def summed_token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token cross-entropy over supervised tokens, per row; supervised tokens per row)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()
+    logits = model(**inputs).logits.float()[:, :-1]
     targets = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+    # Flattened to (tokens, vocabulary): several times faster than cross_entropy over (rows, vocabulary, tokens).
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.view(targets.shape).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 def count_tokens(window: list[dict]) -> tuple[int, int]:
@@ -232,12 +245,14 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
         if run is not None:
             run.status.update(status="failed", error_message="interrupted")
         lock.release()
+        _stop_log_file(config.output_path / "train.log")
         raise
     finally:
         if config.environment.report_to and run is not None:
             accelerator.end_training()
     result = finish(config, accelerator, run, result, started)
     lock.release()
+    _stop_log_file(config.output_path / "train.log")
     return result
 
 
@@ -471,7 +486,7 @@ def _train_record(run: Run, logged: "Window", grad_norm: float, started: float) 
 def _log_to_file(path: Path) -> None:
     """A copy of this process's log lines in the output folder."""
     root = logging.getLogger()
-    if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
+    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
         return
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -479,6 +494,14 @@ def _log_to_file(path: Path) -> None:
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+
+
+def _stop_log_file(path: Path) -> None:
+    """Close the copy opened by `_log_to_file`, so a later run in this process does not write to it."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == os.path.abspath(path)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _maybe_write_report(output_dir: Path) -> None:

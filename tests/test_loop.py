@@ -310,3 +310,50 @@ def test_retention_left_undone_by_a_kill_is_applied_when_the_run_restarts(tmp_pa
     progress.write_text(json.dumps(record))
     assert train(config).success  # resumes at step 6: nothing left to train, nothing new saved
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004", "step_000006"]
+
+
+def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path, model_dir):
+    """Per-row sums over supervised tokens, divided by their count, give transformers' mean loss."""
+    config = load_config(write_job(tmp_path, model_dir, hyperparams=["batch_size = 4"]))
+    from loop.data import build_dataloader, build_datasets, load_tokenizer
+    from loop.train import summed_token_loss
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(config, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    batch = next(iter(build_dataloader(data.train, config, tokenizer, shuffle=False, batch_size=4)))
+    with torch.no_grad():
+        row_losses, row_tokens = summed_token_loss(model, batch)
+        expected = model(**batch).loss
+    assert row_losses.shape == row_tokens.shape == (4,)
+    assert (row_tokens == (batch["labels"][:, 1:] != -100).sum(dim=1)).all()
+    assert float(row_losses.sum() / row_tokens.sum()) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule,transformers_name", [("cosine", "cosine"), ("linear", "linear"),
+                                                        ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedules_match_transformers(tmp_path, model_dir, schedule, transformers_name, warmup):
+    from loop.train import build_scheduler
+    from transformers import get_scheduler
+
+    config = load_config(write_job(tmp_path, model_dir, hyperparams=[f'lr_scheduler = "{schedule}"',
+                                                                    f"warmup_steps = {warmup}"]))
+    ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5) for _ in range(2))
+    ours_schedule = build_scheduler(ours, config, total_steps=10)
+    theirs_schedule = get_scheduler(transformers_name, theirs, num_warmup_steps=warmup, num_training_steps=10)
+    for _ in range(12):  # past the end too
+        assert ours_schedule.get_last_lr()[0] == pytest.approx(theirs_schedule.get_last_lr()[0], abs=1e-12)
+        ours.step(), theirs.step(), ours_schedule.step(), theirs_schedule.step()
+
+
+def test_train_log_holds_only_its_own_run(tmp_path, model_dir):
+    """Two runs in one process: the first run's train.log is closed when it ends."""
+    first = load_config(write_job(tmp_path / "a", model_dir, hyperparams=["max_steps = 1"]))
+    second = load_config(write_job(tmp_path / "b", model_dir, hyperparams=["max_steps = 2"]))
+    assert train(first).success and train(second).success
+    first_log = (first.output_path / "train.log").read_text()
+    second_log = (second.output_path / "train.log").read_text()
+    assert first_log.count("step 1  loss") == 1 and "step 2  loss" not in first_log
+    assert second_log.count("step 1  loss") == 1 and "step 2  loss" in second_log
