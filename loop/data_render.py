@@ -143,9 +143,12 @@ class Renderer:
     def _by_prefixes(self, conversations):
         results: list[Any] = []
         texts, spans = [], []
-        for messages in conversations:
+        for messages, rendering in zip(conversations, self._render_prefixes(conversations)):
+            if isinstance(rendering, Exception):
+                results.append(rendering)
+                continue
             try:
-                text, char_spans = self._text_and_spans(messages)
+                char_spans = self._reply_spans(messages, *rendering)
             except TemplateError as error:
                 results.append(error)
                 continue
@@ -153,26 +156,44 @@ class Renderer:
                 results.append(_record_error(error))
                 continue
             results.append(None)
-            texts.append(text)
+            texts.append(rendering[0])
             spans.append(char_spans)
         rendered = iter(zip(self._encode(texts), spans))
         return [_labels_from_spans(*next(rendered)) if result is None else result for result in results]
 
-    def _text_and_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
-        """The full rendering and the character span of each trained reply."""
-        full = self._render([messages])[0]
+    def _trained_replies(self, messages) -> list[int]:
+        """Indices of the assistant messages whose spans are needed (none when every token is trained)."""
         if self.train_on == "all":
-            return full, [(0, len(full))]
+            return []
         replies = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-        if self.train_on == "last_assistant":
-            replies = replies[-1:]
-        if not replies:
-            return full, []
-        heads = self._render([messages[:i] for i in replies], add_generation_prompt=True)
-        earlier = [i for i in replies if i < len(messages) - 1]
-        turns = dict(zip(earlier, self._render([messages[:i + 1] for i in earlier])))
+        return replies[-1:] if self.train_on == "last_assistant" else replies
+
+    def _render_prefixes(self, conversations):
+        """Per conversation, `(full rendering, {reply: prompt before it}, {reply: conversation through it})`
+        (the last only for replies that later messages follow), or the `RecordError` of a conversation
+        that cannot be rendered. Three template calls for the whole batch, not three per conversation.
+        """
+        try:
+            plans = [self._trained_replies(messages) for messages in conversations]
+            fulls = self._render(list(conversations))
+            heads = iter(self._render([m[:i] for m, replies in zip(conversations, plans) for i in replies],
+                                      add_generation_prompt=True))
+            turns = iter(self._render([m[:i + 1] for m, replies in zip(conversations, plans) for i in replies
+                                       if i < len(m) - 1]))
+        except Exception as error:
+            if len(conversations) == 1:
+                return [_record_error(error)]
+            # One conversation broke the batch: render each alone to find it.
+            return [result for conversation in conversations for result in self._render_prefixes([conversation])]
+        return [(full, {i: next(heads) for i in replies}, {i: next(turns) for i in replies if i < len(m) - 1})
+                for m, replies, full in zip(conversations, plans, fulls)]
+
+    def _reply_spans(self, messages, full: str, heads: dict[int, str], turns: dict[int, str]) -> list[tuple[int, int]]:
+        """The character span of each trained reply in the full rendering."""
+        if self.train_on == "all":
+            return [(0, len(full))]
         spans = []
-        for i, head in zip(replies, heads):
+        for i, head in heads.items():
             turn = turns.get(i, full)
             if not (full.startswith(head) and turn.startswith(head)):
                 raise TemplateError(
@@ -187,7 +208,7 @@ class Renderer:
                     "messages follow (it rewrites earlier turns, e.g. strips reasoning from history), so "
                     f"training would not match what the model sees at inference. {_TEMPLATE_FIX}")
             spans.append((start, end))
-        return full, spans
+        return spans
 
     def _reply_length(self, rendered: str, content: str) -> int:
         """Characters of `rendered` (a reply and what follows) that are trained: through the end-of-turn token."""
