@@ -121,9 +121,11 @@ def build_scheduler(optimizer, config: JobConfig, total_steps: int):
 def summed_token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token cross-entropy over supervised tokens, per row; supervised tokens per row)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()[:, :-1]
-    targets = batch["labels"][:, 1:]
-    # Flattened to (tokens, vocabulary): several times faster than cross_entropy over (rows, vocabulary, tokens).
+    logits = model(**inputs).logits.float()
+    # Position t predicts label t+1; the last position predicts nothing. Shifting the labels instead
+    # of slicing the logits keeps the logits contiguous, so flattening them to (tokens, vocabulary),
+    # the fast layout for cross_entropy, copies nothing.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                              reduction="none")
     return losses.view(targets.shape).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
