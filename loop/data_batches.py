@@ -27,15 +27,21 @@ class Collator:
     padding becomes one more short sequence whose positions restart at 0, which transformers
     masks off like any other packed sequence, and its labels are ignored.
 
+    `flash_varlen` (for flash-attention models): packed batches also carry the sequence boundaries
+    of the flattened batch (`cu_seq_lens_q/k`, `max_length_q/k`), which transformers passes to the
+    varlen kernel. Without them flash attention reads packing from `position_ids` only when the batch
+    has a single row; with more rows the examples of a row would attend to each other.
+
     Packed rows need the model called with `use_cache=False` (or `model.config.use_cache = False`):
     transformers only reads packed sequences from `position_ids` when no KV cache is passed, and
     models create one whenever `use_cache` is on, even in training mode. With a cache, the examples
     of a row silently attend to each other.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 0):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 0, flash_varlen: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.flash_varlen = flash_varlen
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)
@@ -48,6 +54,8 @@ class Collator:
         }
         if packed:
             batch["position_ids"] = _padded([e["position_ids"] for e in examples], width, None)
+            if self.flash_varlen:
+                batch.update(_sequence_boundaries(batch["position_ids"]))
         else:
             batch["attention_mask"] = _padded([[1] * len(e["input_ids"]) for e in examples], width, 0)
         return batch
@@ -62,6 +70,15 @@ def _padded(rows: Sequence[Sequence[int]], width: int, value: int | None) -> tor
         if value is None:
             out[i, len(row):] = torch.arange(width - len(row))
     return out
+
+
+def _sequence_boundaries(position_ids: torch.Tensor) -> dict[str, Any]:
+    """Flash attention's varlen arguments for the flattened batch: every sequence (row padding too)
+    starts where its positions restart at 0, and every row starts one."""
+    flat = position_ids.reshape(-1)
+    starts = torch.cat([(flat == 0).nonzero().view(-1), torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(starts.diff().max())  # an int: a tensor here would cost a device sync in every layer
+    return {"cu_seq_lens_q": starts, "cu_seq_lens_k": starts, "max_length_q": longest, "max_length_k": longest}
 
 
 class EpochSampler(Sampler[int]):
@@ -136,4 +153,9 @@ def build_dataloader(dataset, config, tokenizer, shuffle: bool = True, batch_siz
     sampler = EpochSampler(len(dataset), seed=config.hyperparams.seed, shuffle=is_shuffled,
                            lengths=lengths, batch_size=batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      collate_fn=Collator(tokenizer.pad_token_id, data.pad_to_multiple_of), num_workers=0)
+                      collate_fn=Collator(tokenizer.pad_token_id, data.pad_to_multiple_of,
+                                          flash_varlen=uses_flash_attention(config)), num_workers=0)
+
+
+def uses_flash_attention(config) -> bool:
+    return config.model.attn_implementation.startswith("flash_attention")

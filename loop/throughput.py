@@ -15,10 +15,19 @@ import torch
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets (no sparsity).
 PEAK_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0,
-    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
-    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "B200": 2250.0, "MI300X": 1307.0,
+    "H200": 989.0, "H200 NVL": 835.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+    "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "B200": 2250.0,
+    "MI300X": 1307.0,
 }
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by name; the longest matching key wins ("H100 PCIe" before "H100")."""
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_TFLOPS[key]
+    return None
 
 
 def device_peak_flops() -> float | None:
@@ -28,11 +37,8 @@ def device_peak_flops() -> float | None:
         return float(override) * 1e12
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if key in name:
-            return PEAK_TFLOPS[key] * 1e12
-    return None
+    peak = peak_tflops(torch.cuda.get_device_name())
+    return peak * 1e12 if peak else None
 
 
 def mfu(num_params: int, input_tokens_per_sec: float, num_devices: int, peak_flops: float | None) -> float | None:

@@ -379,9 +379,12 @@ def fit(run: Run, stop: StopFlag, started: float) -> tuple[float | None, float |
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and h.fp_precision != "fp16"):
+            # DeepSpeed steps inside the last backward, so there the bad step is applied but never saved.
+            applied = ("DeepSpeed applied the step inside backward; no checkpoint holds it"
+                       if accelerator.distributed_type == "DEEPSPEED" else "the step was not applied")
             raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                                 f"{progress.step + 1}: loss={loss}, grad_norm={grad_norm}; the step was not "
-                                 "applied. Lower hyperparams.learning_rate or check the data.")
+                                 f"{progress.step + 1}: loss={loss}, grad_norm={grad_norm}; {applied}. "
+                                 "Lower hyperparams.learning_rate or check the data.")
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)

@@ -423,6 +423,87 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_tokenizer, attent
         assert not torch.isclose(leaky, unpacked, rtol=1e-4)
 
 
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A CPU stand-in for flash attention's kernels: causal attention over each sequence of the
+    flattened batch named by `cu_seq_lens_q`; without it, each row is one sequence (what flash
+    attention does with more than one row and no boundaries). The mask is ignored, as flash does."""
+    rows, heads, width, dim = query.shape
+    key, value = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
+    q, k, v = (t.transpose(1, 2).reshape(rows * width, heads, dim).transpose(0, 1) for t in (query, key, value))
+    bounds = kwargs.get("cu_seq_lens_q")
+    bounds = torch.arange(0, rows * width + 1, width) if bounds is None else bounds
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        out[:, start:end] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=scaling)
+    return out.transpose(0, 1).reshape(rows, width, heads, dim), None
+
+
+def test_flash_attention_gets_the_packed_sequence_boundaries(tiny_model_dir, tiny_tokenizer):
+    """Flash attention reads packing from `position_ids` only for a single row, so the collator
+    hands it the boundaries of the flattened batch, and they reach the attention kernel."""
+    import datasets
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
+    from transformers.masking_utils import sdpa_mask
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    AttentionInterface.register("test_varlen", _varlen_attention)
+    AttentionMaskInterface.register("test_varlen", sdpa_mask)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="test_varlen",
+                                                 dtype=torch.float32)
+    model.eval()
+    examples = [render_messages(tiny_tokenizer, r["messages"]) for r in chat_records(7)]
+    rows = list(pack(datasets.Dataset.from_list([{"input_ids": i, "labels": l} for i, l in examples]), 200))
+    assert len(rows) > 1
+    batch = Collator(tiny_tokenizer.pad_token_id, flash_varlen=True)(rows)
+
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == cu_q.tolist() == cu_k.tolist()
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == int(max_q) and isinstance(batch["max_length_q"], int)
+    with torch.no_grad():
+        unpacked = sum(_summed_loss(model, Collator(tiny_tokenizer.pad_token_id)([{"input_ids": i, "labels": l}]))
+                       for i, l in examples)
+        assert torch.isclose(_summed_loss(model, batch), unpacked, rtol=1e-5)
+        # Without the boundaries the examples of a row attend to each other.
+        without = Collator(tiny_tokenizer.pad_token_id)(rows)
+        assert not torch.isclose(_summed_loss(model, without), unpacked, rtol=1e-4)
+
+
+def test_the_loops_loader_gives_flash_attention_the_boundaries(make_job, tmp_path, tiny_tokenizer):
+    from loop.data_batches import build_dataloader
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 0, 1]}]
+    for implementation, expected in (("sdpa", False), ("flash_attention_2", True), ("flash_attention_3", True)):
+        config = make_job(tmp_path, **{"data.packing": True, "model.attn_implementation": implementation})
+        batch = build_dataloader(rows, config, tiny_tokenizer, shuffle=False).collate_fn(rows)
+        assert ("cu_seq_lens_q" in batch) is expected, implementation
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_loss_with_flash_attention_equals_unpacked_on_cuda(tiny_model_dir, tiny_tokenizer):
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        pytest.skip("flash-attn is not installed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flash_attention_2",
+                                                 dtype=torch.bfloat16).cuda().eval()
+    examples = [render_messages(tiny_tokenizer, r["messages"]) for r in chat_records(7)]
+    rows = list(pack(datasets.Dataset.from_list([{"input_ids": i, "labels": l} for i, l in examples]), 200))
+
+    def loss(batch):
+        return _summed_loss(model, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}).float()
+
+    with torch.no_grad():
+        unpacked = sum(loss(Collator(tiny_tokenizer.pad_token_id)([{"input_ids": i, "labels": l}]))
+                       for i, l in examples)
+        packed = loss(Collator(tiny_tokenizer.pad_token_id, flash_varlen=True)(rows))
+    assert torch.isclose(packed, unpacked, rtol=2e-2), (packed, unpacked)  # bf16 kernels
+
+
 # --- batches -----------------------------------------------------------------------------------
 
 def test_collator_pads_right_with_mask_and_ignored_labels():
