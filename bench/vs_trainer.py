@@ -106,7 +106,7 @@ class TrainerStepper:
 
 
 def run(quick: bool = False) -> list[Row]:
-    rounds, num_steps = (1, 20) if quick else (3, 40)
+    rounds, num_steps = (1, 20) if quick else (3, 80)
     e2e_steps = 3 if quick else 6
     folder = workspace() / NAME
     job = steady_job(folder, **{"hyperparams.max_steps": num_steps})
