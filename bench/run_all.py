@@ -84,7 +84,8 @@ def run_script(name: str, path: Path, quick: bool) -> tuple[list[Row], str]:
     rows = parse_rows(output)
     if code != 0 or not rows:
         rows.append(Row(bench=name, figure="FAILED", value=f"exit {code}", detail=output.strip()[-500:]))
-    stdout = "\n".join(line for line in output.splitlines() if not line.startswith(("[bench", "[20")))
+    stdout = "\n".join(line for line in output.splitlines()
+                       if not line.startswith(("[bench", "[20", "Failed to load CPU gemm_4bit")))  # library noise
     return rows, f"\n## {name}: `python -m {module}` ({seconds:.0f} s)\n\n{stdout.strip()[-6000:]}\n"
 
 
