@@ -266,6 +266,16 @@ def test_sigterm_inside_a_checkpoint_save_finishes_that_save_and_stops_there(tmp
     assert_resumes_exactly(job, output, first, uninterrupted)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler, even when the test process inherited SIGINT ignored (a background
+    job of a non-interactive shell does), so that SIGINT raises KeyboardInterrupt as at a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_leaves_a_resumable_folder(tmp_path, tiny_model_dir, uninterrupted):
     job = resumable_job(tmp_path, tiny_model_dir)
     output = tmp_path / "out"
@@ -282,6 +292,7 @@ def test_ctrl_c_leaves_a_resumable_folder(tmp_path, tiny_model_dir, uninterrupte
     assert_resumes_exactly(job, output, newest, uninterrupted)
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_an_interrupted_run_does_not_keep_the_output_folder_locked(tmp_path, tiny_model_dir, capsys):
     """After KeyboardInterrupt the run is over: the same process may run the job again.
 
