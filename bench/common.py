@@ -201,19 +201,6 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
-def window_step_times(records: list[dict], skip: int = 0) -> list[float]:
-    """Seconds per optimizer step between consecutive `metrics.jsonl` records, the first `skip` left out.
-
-    The steps before the first record (start-up, warm-up) are never counted. A window runs from one
-    record's `elapsed_sec` to the next, so it holds its steps and exactly one logging event
-    (status.json, metrics line): what a run pays per step at that logging interval.
-    """
-    times = []
-    for before, after in zip(records[skip:], records[skip + 1:]):
-        times.append((after["elapsed_sec"] - before["elapsed_sec"]) / (after["step"] - before["step"]))
-    return times
-
-
 # --- machine -------------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, str]:
