@@ -33,7 +33,7 @@ def run(quick: bool = False) -> list[Row]:
     import torch
 
     from loop.preemption import StopFlag
-    from loop.runlock import OutputLock
+    from loop.run_dir import RunDir
     from loop.train import build_accelerator, fit, setup
 
     rounds = 2 if quick else 5
@@ -44,11 +44,11 @@ def run(quick: bool = False) -> list[Row]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     accelerator = build_accelerator(config)
-    lock = OutputLock(config.output_path)
+    run_dir = RunDir(config.output_path, is_main=accelerator.is_main_process)
     try:
-        run_ = setup(config, accelerator, None, lock)
+        run_ = setup(config, accelerator, run_dir, None, time.time())
         with StopFlag() as stop:
-            fit(run_, stop, time.time())
+            fit(run_, stop)
         model = accelerator.unwrap_model(run_.model)
         unique = {p.data_ptr(): p for p in model.parameters()}.values()
         param_bytes = sum(p.numel() * p.element_size() for p in unique)
@@ -76,7 +76,7 @@ def run(quick: bool = False) -> list[Row]:
         seconds = alternate(rounds, {"ours": ours, "plain": plain}, label=NAME)
         files = {f.name: f.stat().st_size for f in run_.checkpointer.last_path.iterdir()}
     finally:
-        lock.release()
+        run_dir.close()
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)

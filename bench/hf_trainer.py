@@ -111,7 +111,7 @@ def build_trainer(args, callbacks=()):
         tokenizer.pad_token = tokenizer.eos_token
     train = datasets.load_from_disk(args.train)
     if args.collator == "ours":
-        from loop.data_batches import Collator
+        from loop.data.batches import Collator
 
         collator = CountingCollator(Collator(tokenizer.pad_token_id, flash_varlen=args.attn.startswith("flash")))
     else:

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--build-only", action="store_true", help="only build the tiny model")
     reference = commands.add_parser("reference", help="Print the job-file reference (markdown) from the config "
                                                       "docstrings.")
-    reference.add_argument("--update", metavar="README", help="replace the reference block in this markdown file")
+    reference.add_argument("--update", metavar="MARKDOWN", help="replace the reference block in this Markdown file (docs/reference.md)")
     status = commands.add_parser("status", help="Summarise a run: state, step, loss, ETA, last checkpoint, samples.")
     status.add_argument("output_dir", help="the run's output folder (or its job file)")
     report = commands.add_parser("report", help="Write report.md and loss.png into a run's output folder.")
@@ -122,7 +122,7 @@ def _reference(readme: str | None) -> int:
 
 
 def _validate(config) -> int:
-    from loop.validate import validate_job
+    from launcher.validate import validate_job
 
     print(validate_job(config))
     return EXIT_OK

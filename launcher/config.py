@@ -23,12 +23,24 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+
+class Precision(NamedTuple):
+    mixed_precision: str
+    """Accelerate's name for it."""
+    dtype: str
+    """The torch dtype of compute (and of 4-bit layers' compute)."""
+
+
+# The one table of `hyperparams.fp_precision` values.
+PRECISIONS = {"bf16": Precision("bf16", "bfloat16"), "fp16": Precision("fp16", "float16"),
+              "fp32": Precision("no", "float32")}
 
 
 class ConfigError(ValueError):
@@ -146,6 +158,8 @@ class OutputConfig:
     """`auto` continues from the newest complete checkpoint, `never` starts fresh, or a checkpoint path."""
     overwrite: bool = False
     """Allow a fresh run (`resume = "never"`) to replace checkpoints an earlier run left in `output_dir`."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """On resume, `refuse` names each changed setting; `allow` applies new optimizer, schedule, length and interval settings from the resumed step."""
     merge_lora: bool = False
     """With LoRA, also write `final/merged`, the adapter merged into the base weights."""
 
@@ -256,6 +270,16 @@ class JobConfig:
         steps_per_epoch = math.ceil(num_train_batches_per_process / h.gradient_accumulation)
         # Rounded first so float noise cannot add a step (100 * 0.07 is 7.000000000000001).
         return max(1, math.ceil(round(steps_per_epoch * h.num_epochs, 9)))
+
+    def num_optimizer_steps(self, num_train_rows: int, num_processes: int) -> int:
+        """Optimizer steps for this many training rows (examples, or packs) on this many processes.
+
+        The data loader makes ceil(rows / batch_size) batches and Accelerate gives each process
+        ceil(batches / processes) of them (repeating a few at the end so every process takes the
+        same number of steps).
+        """
+        num_batches = math.ceil(num_train_rows / self.hyperparams.batch_size)
+        return self.total_steps(math.ceil(num_batches / num_processes))
 
     @property
     def output_path(self) -> Path:
@@ -626,7 +650,7 @@ def _accelerate_config_problems(config: JobConfig, where) -> list[str]:
     if not isinstance(launch_file, dict):
         return [f"{label}: {path} is not an Accelerate config (expected a YAML mapping)"]
     problems = []
-    precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[h.fp_precision]
+    precision = PRECISIONS[h.fp_precision].mixed_precision
     if launch_file.get("mixed_precision", "no") not in ("no", precision):
         problems.append(f"{label}: {path} sets mixed_precision: {launch_file['mixed_precision']} but the job's "
                         f"hyperparams.fp_precision is {h.fp_precision!r}; set mixed_precision: \"no\" in the file "

@@ -28,7 +28,8 @@ from typing import Any
 
 from launcher.config import ConfigError, load_config
 from launcher.result import write_atomic
-from loop.checkpoint import COMPLETE_MARKER, PROGRESS_FILE
+from loop.checkpoint import complete_checkpoints
+from loop.run_dir import is_run_folder
 from loop.status import read_jsonl
 
 if sys.version_info >= (3, 11):
@@ -42,11 +43,10 @@ logger = logging.getLogger(__name__)
 # was probably killed (or is stuck in a collective). Slow steps with a large `logging_steps` can
 # exceed it legitimately, hence the question mark in the message.
 STALE_AFTER_SEC = 600
-RUN_FILES = ("status.json", "result.json", "metrics.jsonl", "job.toml", "checkpoints", "final")
 
 
 @dataclass
-class Run:
+class RunFiles:
     """The files of one output folder, each None or empty when absent or unreadable."""
 
     path: Path
@@ -93,13 +93,13 @@ class Run:
         return [r for r in self.metrics if _is_number(r.get("eval_loss"))]
 
 
-def read_run(path: str | os.PathLike) -> Run:
+def read_run(path: str | os.PathLike) -> RunFiles:
     """Read an output folder (or the `output_dir` of a job file); `ConfigError` if it is not one."""
     output_dir = _resolve_output_dir(Path(path))
-    if not any((output_dir / name).exists() for name in RUN_FILES) and any(output_dir.iterdir()):
-        raise ConfigError(f"{output_dir} is not a training output folder (it has none of "
-                          f"{', '.join(RUN_FILES)}); pass the run's output.output_dir or its job file")
-    return Run(path=output_dir, status=_read_json(output_dir / "status.json"),
+    if not is_run_folder(output_dir):
+        raise ConfigError(f"{output_dir} holds no run of this project (no run marker, status.json or "
+                          "result.json); pass the run's output.output_dir or its job file")
+    return RunFiles(path=output_dir, status=_read_json(output_dir / "status.json"),
                result=_read_json(output_dir / "result.json"), job=_read_toml(output_dir / "job.toml"),
                metrics=read_jsonl(output_dir / "metrics.jsonl"), checkpoint=last_complete_checkpoint(output_dir))
 
@@ -116,15 +116,9 @@ def _resolve_output_dir(path: Path) -> Path:
 
 
 def last_complete_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
-    """(path, step) of the newest checkpoint with a COMPLETE marker; the step comes from progress.json."""
-    best = None
-    for path in (output_dir / "checkpoints").glob("step_*"):
-        if not (path / COMPLETE_MARKER).exists():
-            continue
-        step = (_read_json(path / PROGRESS_FILE) or {}).get("progress", {}).get("step")
-        if isinstance(step, int) and (best is None or step > best[1]):
-            best = (path, step)
-    return best
+    """(path, step) of the newest complete checkpoint, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -216,7 +210,7 @@ def write_report(output_dir: str | os.PathLike) -> list[Path]:
     return [report_path, *written]
 
 
-def report_markdown(run: Run, *, plot: str | None = None, skipped: str | None = None) -> str:
+def report_markdown(run: RunFiles, *, plot: str | None = None, skipped: str | None = None) -> str:
     """The markdown summary of a run; `plot` is the file name of the loss plot, when there is one."""
     job, result, status = run.job or {}, run.current_result, run.status or {}
     summary = result.get("summary") or {}

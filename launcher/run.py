@@ -42,13 +42,36 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     from loop.train import train
 
     try:
-        return train(config, status_writer=status_writer)
+        result = train(config, status_writer=status_writer)
     except ConfigError as error:
         # Tell the process that launched us why, so it can refuse the job in one clear message.
         folder = os.environ.get(HANDOFF_ENV)
         if folder and int(os.environ.get("RANK", "0")) == 0:
             write_atomic(Path(folder) / REFUSAL_NAME, str(error))
         raise
+    folder = os.environ.get(HANDOFF_ENV)
+    if folder and not result.success:
+        # A rank that failed before the output folder was owned writes nothing there: hand the
+        # launching process its result instead.
+        write_atomic(Path(folder) / f"result-rank{os.environ.get('RANK', '0')}.json", result.to_json())
+    if int(os.environ.get("RANK", "0")) == 0 and (config.output_path / "result.json").exists():
+        _maybe_write_report(config.output_path)
+    return result
+
+
+def _maybe_write_report(output_dir: Path) -> None:
+    """report.md and loss.png after a run, when matplotlib is installed; never changes the outcome."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    try:
+        from launcher.report import write_report
+
+        write_report(output_dir)
+    except Exception as error:  # the run succeeded or failed already; a plot must not change that
+        logging.getLogger(__name__).warning("could not write the run report: %s", error)
 
 
 def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[str, str]]:
@@ -103,6 +126,8 @@ def launch(config: JobConfig) -> TrainingResult:
         refusal = Path(handoff) / REFUSAL_NAME
         if refusal.exists():
             raise ConfigError(refusal.read_text(encoding="utf-8"))
+        handed = sorted(Path(handoff).glob("result-rank*.json"), key=lambda p: p.stat().st_mtime)
+        early = TrainingResult.read(handed[0]) if handed else None  # the rank that failed first
     result_file = config.output_path / "result.json"
     if result_file.exists() and result_file.stat().st_mtime >= started:
         result = TrainingResult.read(result_file)
@@ -110,6 +135,8 @@ def launch(config: JobConfig) -> TrainingResult:
             result.success = False
             result.error = f"a process exited with code {returncode} after training"
         return result
+    if early is not None:
+        return early
     return TrainingResult(success=False, error=f"accelerate launch exited with code {returncode} before a "
                                                "result was written; see its output above")
 

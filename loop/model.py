@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import ConfigError, JobConfig
+from launcher.config import PRECISIONS, ConfigError, JobConfig
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The dtype 4-bit layers compute in, and a QLoRA merge is written in, per mixed precision.
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}
 
@@ -179,7 +178,7 @@ def _quantization_kwargs(config: JobConfig) -> dict:
 
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=PRECISION_DTYPES[config.hyperparams.fp_precision])
+        bnb_4bit_compute_dtype=getattr(torch, PRECISIONS[config.hyperparams.fp_precision].dtype))
     # A quantised model cannot be moved after loading, so it is loaded where it trains: each rank
     # on its own GPU (LOCAL_RANK, set by every launcher, read before any Accelerator exists).
     device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"

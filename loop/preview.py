@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from launcher.config import JobConfig
-from loop.data_render import IGNORE_INDEX
+from loop.data.render import IGNORE_INDEX
 from profiles import fill_system_prompt
 
 logger = logging.getLogger(__name__)

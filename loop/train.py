@@ -26,21 +26,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launcher.config import ConfigError, JobConfig
-from launcher.result import TrainingResult, write_atomic
-from loop.checkpoint import Checkpointer, Progress, RunShape
+from launcher.config import PRECISIONS, ConfigError, JobConfig
+from launcher.result import TrainingResult
+from loop.checkpoint import Checkpointer, Progress, RunShape, resume_settings
 from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
-from loop.lock import check_lock, write_lock
+from loop.data.batches import NUM_REAL_TOKENS
+from loop.identity import check_identity
 from loop.model import build_model, count_parameters, register_checkpoint_hooks, save_final_model
 from loop.preemption import Preempted, StopFlag
 from loop.preview import generate_previews, preview_prompts
-from loop.runlock import OutputLock
-from loop.status import MetricsLog, StatusFile
+from loop.run_dir import RunDir, check_output_dir, completed_result, new_run_id
 from loop.throughput import device_peak_flops, mfu, peak_memory_bytes
 
 logger = logging.getLogger(__name__)
-
-MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
 class NonFiniteError(RuntimeError):
@@ -65,7 +63,7 @@ def build_accelerator(config: JobConfig):
                                            backend="gloo" if on_cpu else None)
     accelerator = Accelerator(
         cpu=on_cpu and not sharded,
-        mixed_precision=MIXED_PRECISION[h.fp_precision],
+        mixed_precision=PRECISIONS[h.fp_precision].mixed_precision,
         gradient_accumulation_steps=h.gradient_accumulation,
         log_with=config.environment.report_to or None,
         project_dir=config.output.output_dir,
@@ -120,7 +118,7 @@ def build_scheduler(optimizer, config: JobConfig, total_steps: int):
 
 def summed_token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token cross-entropy over supervised tokens, per row; supervised tokens per row)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", NUM_REAL_TOKENS)}
     logits = model(**inputs).logits.float()
     # Position t predicts label t+1; the last position predicts nothing. Shifting the labels instead
     # of slicing the logits keeps the logits contiguous, so flattening them to (tokens, vocabulary),
@@ -134,7 +132,10 @@ def summed_token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def count_tokens(window: list[dict]) -> tuple[int, int]:
     """(supervised tokens, non-padding input tokens) of a window on this process."""
     supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-    inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in window)
+    inputs = 0
+    for batch in window:
+        real = batch.get(NUM_REAL_TOKENS, batch.get("attention_mask"))
+        inputs += int(real.sum()) if real is not None else batch["input_ids"].numel()
     return supervised, inputs
 
 
@@ -154,6 +155,17 @@ def windows(loader, accelerator, accumulation: int, start_epoch: int, start_batc
             yield epoch, window
 
 
+def set_gradient_sync(accelerator, is_last: bool) -> None:
+    """Tell Accelerate whether this micro-batch ends the accumulation window.
+
+    We take the whole window before the first backward (to count its tokens), so Accelerate cannot
+    count batches itself; transformers' Trainer does the same through this private setter. While it
+    is False, `clip_grad_norm_` and DeepSpeed's engine hold off; `tests/test_loop.py` pins what it
+    does under the installed Accelerate.
+    """
+    accelerator.gradient_state._set_sync_gradients(is_last)
+
+
 def evaluate(model, loader, accelerator) -> float:
     """Token-weighted validation loss over all processes (padding rows Accelerate adds are dropped)."""
     model.eval()
@@ -169,8 +181,8 @@ def evaluate(model, loader, accelerator) -> float:
 
 
 @dataclass
-class Window:
-    """Running sums of the current logging window, for token-weighted metrics."""
+class LogWindow:
+    """Running sums of the optimizer steps since the last log line, for token-weighted metrics."""
 
     first_step: int
     started: float
@@ -204,13 +216,14 @@ class Run:
     checkpointer: Checkpointer
     progress: Progress
     total_steps: int
-    status: StatusFile
-    metrics: MetricsLog
-    previews: MetricsLog
+    run_dir: RunDir
     preview_prompt_ids: list
     num_parameters: int
     peak_flops: float | None
     summary: dict
+    started: float
+    final_loss: float | None = None
+    eval_loss: float | None = None
 
 
 def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
@@ -220,54 +233,57 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
     is written to `output_dir`; any failure after that returns `TrainingResult(success=False)`.
     """
     started = time.time()
+    check_output_dir(config.output_path)  # first: an unusable folder is refused before anything loads
+    done = completed_result(config.output_path, config.to_toml()) if config.output.resume == "auto" else None
+    if done is not None:
+        logger.info("%s holds this job's completed run (result.json); nothing to do. Set output.resume = "
+                    "\"never\" and output.overwrite = true to train it again.", config.output_path)
+        return done
     accelerator = build_accelerator(config)
-    run, lock = None, OutputLock(config.output_path)
+    run_dir = RunDir(config.output_path, is_main=accelerator.is_main_process)
+    run = None
     try:
-        run = setup(config, accelerator, status_writer, lock)
+        run = setup(config, accelerator, run_dir, status_writer, started)
         with StopFlag() as stop:
-            final_loss, eval_loss = fit(run, stop, started)
+            fit(run, stop)
         final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path, config=config)
-        run.summary.update(final_model=str(final_dir), eval_loss=eval_loss)
-        result = TrainingResult(success=True, final_loss=final_loss)
-        run.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
+        run.summary.update(final_model=str(final_dir), eval_loss=run.eval_loss)
+        result = TrainingResult(success=True, final_loss=run.final_loss)
+        run_dir.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
     except ConfigError:
-        lock.release()
+        run_dir.close()
         raise
     except Preempted as stop:
         result = TrainingResult(success=False, error=f"preempted: {stop}")
         run.summary["preempted"] = True
-        run.status.update(status="failed", error_message=result.error)
+        run_dir.status.update(status="preempted", error_message=result.error)
     except Exception as error:  # a failed run is a result, not an exception (see the contract)
         rank = accelerator.process_index
         logger.error("rank %d failed: %s", rank, error, exc_info=not isinstance(error, NonFiniteError))
         result = TrainingResult(success=False, error=f"rank {rank}: {type(error).__name__}: {error}")
-        if run is not None:
-            run.status.update(status="failed", error_message=result.error)
+        run_dir.status.update(status="failed", error_message=result.error)
     except BaseException:  # Ctrl-C or SystemExit: say so in status.json, free the folder, re-raise
-        if run is not None:
-            run.status.update(status="failed", error_message="interrupted")
-        lock.release()
-        _stop_log_file(config.output_path / "train.log")
+        run_dir.status.update(status="failed", error_message="interrupted")
+        run_dir.close()
         raise
     finally:
         if config.environment.report_to and run is not None:
             accelerator.end_training()
-    result = finish(config, accelerator, run, result, started)
-    lock.release()
-    _stop_log_file(config.output_path / "train.log")
+    result = finish(accelerator, run, run_dir, result, started)
+    run_dir.close()
     return result
 
 
-def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Run:
-    """Build data, model and optimizer, restore a checkpoint, and open the run's output files."""
+def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, started: float) -> Run:
+    """Build data, model and optimizer, restore a checkpoint, then own the output folder."""
     from accelerate.utils import set_seed
 
-    h, output_dir = config.hyperparams, config.output_path
+    h = config.hyperparams
     set_seed(h.seed)  # before the model and the data loader are built, so every rank agrees
     tokenizer = load_tokenizer(config)
     data = build_datasets(config, tokenizer, main_process_first=accelerator.main_process_first)
     model = build_model(config, tokenizer)
-    lock_record = check_lock(config, model, tokenizer)  # the [locked] guard; writes nothing yet
+    identity = check_identity(config, model, tokenizer, recorded=run_dir.recorded_identity)  # the [locked] guard
     register_checkpoint_hooks(accelerator)  # 4-bit bases are rebuilt on load, not saved
     train_loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
                                     batch_size=h.batch_size)
@@ -276,48 +292,42 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
         eval_loader = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=h.batch_size)
     optimizer = build_optimizer(model, config)
     num_trainable, num_parameters = count_parameters(model)  # 4-bit weights as values, before ZeRO-3 shards
-    # Accelerate gives each process ceil(batches / processes) batches (it repeats a few at the end
-    # so every process takes the same number of steps).
-    total_steps = config.total_steps(math.ceil(len(train_loader) / accelerator.num_processes))
+    total_steps = config.num_optimizer_steps(len(data.train), accelerator.num_processes)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # Built on the prepared optimizer (ZeRO-3 regroups the parameters it was given) and stepped by
-    # us once per optimizer step; registered so every checkpoint saves and restores it.
+    # us once per optimizer step; its state is saved as JSON in every checkpoint's progress.json.
     scheduler = build_scheduler(optimizer, config, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
     shape = RunShape(batch_size=h.batch_size, gradient_accumulation=h.gradient_accumulation,
                      world_size=accelerator.num_processes, num_train_examples=len(data.train), seed=h.seed)
-    checkpointer = Checkpointer(accelerator, output_dir, save_steps=h.save_steps,
-                                save_total_limit=h.save_total_limit, shape=shape)
-    resume_from = checkpointer.resolve_resume(config.output.resume, overwrite=config.output.overwrite)
-    progress = checkpointer.load(resume_from) if resume_from else Progress()
+    checkpointer = Checkpointer(accelerator, config.output_path, save_steps=h.save_steps,
+                                save_total_limit=h.save_total_limit, shape=shape, scheduler=scheduler,
+                                settings=resume_settings(config), data_digest=data.digest)
+    resume_from, progress = checkpointer.restore(config, run_dir.recorded_run_id, total_steps)
     prompt_ids = preview_prompts(config, data.validation, tokenizer) if config.monitoring.preview_steps else []
-    # Everything above may refuse the job; only from here on is output_dir written.
 
-    is_main = accelerator.is_main_process
-    if is_main:
-        lock.acquire()  # refuses (exit 2) while another live run owns the folder
-        write_lock(output_dir, lock_record)
-        write_atomic(output_dir / "job.toml", config.to_toml())
-        _log_to_file(output_dir / "train.log")
-    checkpointer.remove_incomplete()
-    keep = progress.step if resume_from else None
+    # Everything above may refuse the job; only from here on is output_dir written.
+    if not resume_from:
+        checkpointer.run_id = new_run_id()
+    run_dir.open(job_toml=config.to_toml(), identity=identity, run_id=checkpointer.run_id,
+                 keep_until_step=progress.step if resume_from else None, with_previews=bool(prompt_ids),
+                 status_forward=getattr(status_writer, "write", status_writer))
+    checkpointer.remove_incomplete(keep_other_runs=resume_from is not None)
+    if checkpointer.resume_changes:
+        run_dir.metrics.write({"step": progress.step, "resume_changes": {
+            key: {"checkpoint": old, "now": new} for key, (old, new) in checkpointer.resume_changes.items()}})
     run = Run(
         config=config, accelerator=accelerator, tokenizer=tokenizer, model=model, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, checkpointer=checkpointer,
-        progress=progress, total_steps=total_steps,
-        status=StatusFile(output_dir / "status.json" if is_main else None,
-                          forward=getattr(status_writer, "write", status_writer)),
-        metrics=MetricsLog(output_dir / "metrics.jsonl" if is_main else None, keep_until_step=keep),
-        previews=MetricsLog(output_dir / "previews.jsonl" if is_main and prompt_ids else None, keep_until_step=keep),
-        preview_prompt_ids=prompt_ids, num_parameters=num_parameters, peak_flops=device_peak_flops(),
+        progress=progress, total_steps=total_steps, run_dir=run_dir, preview_prompt_ids=prompt_ids,
+        num_parameters=num_parameters, peak_flops=device_peak_flops(), started=started,
         summary={"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
                  "num_parameters": num_parameters, "num_trainable_parameters": num_trainable,
                  "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None},
     )
-    run.status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
+    run_dir.status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
     logger.info("%s on %d process(es), device %s, mixed precision %s, %d optimizer steps",
                 accelerator.distributed_type.value, accelerator.num_processes, accelerator.device,
                 accelerator.mixed_precision, total_steps)
@@ -331,15 +341,17 @@ def setup(config: JobConfig, accelerator, status_writer, lock: OutputLock) -> Ru
     return run
 
 
-def fit(run: Run, stop: StopFlag, started: float) -> tuple[float | None, float | None]:
-    """Run optimizer steps until `total_steps`; returns (last logged train loss, last eval loss)."""
-    config, accelerator, model, progress = run.config, run.accelerator, run.model, run.progress
-    h, env, monitoring = config.hyperparams, config.environment, config.monitoring
-    world_size = accelerator.num_processes
+def fit(run: Run, stop: StopFlag, on_step=None) -> None:
+    """Run optimizer steps until `total_steps`; `run.final_loss` and `run.eval_loss` hold the last values.
+
+    `on_step(run)`, if given, is called after every optimizer step (the benchmarks time steps with it).
+    """
+    config, accelerator, progress = run.config, run.accelerator, run.progress
+    h = config.hyperparams
     steps = windows(run.train_loader, accelerator, h.gradient_accumulation, progress.epoch, progress.batches_in_epoch)
     bar = _progress_bar(accelerator, run.total_steps, progress.step)
-    logged, final_loss, eval_loss = Window(progress.step, time.time()), None, None
-    model.train()
+    logged = LogWindow(progress.step, time.time())
+    run.model.train()
 
     while progress.step < run.total_steps:
         # 1. Take the whole accumulation window first, so its supervised tokens can be counted on
@@ -349,45 +361,12 @@ def fit(run: Run, stop: StopFlag, started: float) -> tuple[float | None, float |
         shared = torch.tensor([num_tokens, num_input_tokens, int(stop.is_set)], device=accelerator.device)
         global_tokens, global_input_tokens, num_stopping = (int(x) for x in accelerator.reduce(shared, "sum"))
         if num_stopping:
-            path = run.checkpointer.save(progress) if run.checkpointer.last_step != progress.step \
-                else run.checkpointer.last_path
-            raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {progress.step}; "
-                            f"checkpoint {path}; rerun the same command to resume")
+            _save_and_stop(run, stop)
         if epoch != progress.epoch:
             progress.epoch, progress.batches_in_epoch = epoch, 0
 
-        # 2. Forward and backward per micro-batch. The step's loss is sum(token losses over the window
-        #    and all processes) / global_tokens. Accelerate divides each backward by the accumulation
-        #    steps and DDP averages gradients over processes, so scaling each micro-batch's summed loss
-        #    by accumulation * world_size / global_tokens leaves exactly that token mean.
-        scale = h.gradient_accumulation * world_size / max(global_tokens, 1)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for index, batch in enumerate(window):
-            is_last = index == len(window) - 1
-            # Gradients are synchronised on the window's last micro-batch only. We prefetch, so we
-            # tell Accelerate where the window ends instead of letting it count batches (as
-            # transformers' Trainer does).
-            accelerator.gradient_state._set_sync_gradients(is_last)
-            with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-                row_losses, _ = summed_token_loss(model, batch)
-                micro_loss = row_losses.sum()
-                accelerator.backward(micro_loss * scale)
-            loss_sum += micro_loss.detach()
-        loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_tokens, 1)
-
-        # 3. Clip, refuse non-finite values before they reach the weights, step.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm or float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and h.fp_precision != "fp16"):
-            # DeepSpeed steps inside the last backward, so there the bad step is applied but never saved.
-            applied = ("DeepSpeed applied the step inside backward; no checkpoint holds it"
-                       if accelerator.distributed_type == "DEEPSPEED" else "the step was not applied")
-            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                                 f"{progress.step + 1}: loss={loss}, grad_norm={grad_norm}; {applied}. "
-                                 "Lower hyperparams.learning_rate or check the data.")
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        # 2. Forward/backward per micro-batch, clip, refuse non-finite values, step.
+        loss, grad_norm = train_step(run, window, global_tokens)
 
         progress.step += 1
         progress.batches_in_epoch += len(window)
@@ -396,39 +375,97 @@ def fit(run: Run, stop: StopFlag, started: float) -> tuple[float | None, float |
         logged.add(loss, global_tokens, global_input_tokens)
         is_last_step = progress.step == run.total_steps
 
-        # 4. Log, evaluate, preview, save.
-        if progress.step % env.logging_steps == 0 or is_last_step:
-            final_loss = logged.loss()
-            record = _train_record(run, logged, grad_norm, started)
-            run.metrics.write(record)
-            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=progress.step)
-            eta = (run.total_steps - progress.step) * (time.time() - logged.started) / max(
-                progress.step - logged.first_step, 1)
-            run.status.update(current_step=progress.step, epoch=record["epoch"], loss=final_loss,
-                              learning_rate=record["learning_rate"], tokens_per_sec=record["tokens_per_sec"],
-                              eta_sec=eta)
-            _report(bar, accelerator, record, eta)
-            logged = Window(progress.step, time.time())
+        # 3. Log, evaluate, preview, save.
+        if progress.step % config.environment.logging_steps == 0 or is_last_step:
+            log_step(run, logged, grad_norm, bar)
+            logged = LogWindow(progress.step, time.time())
         if run.eval_loader is not None and (is_last_step or (h.eval_steps and progress.step % h.eval_steps == 0)):
-            eval_loss = evaluate(model, run.eval_loader, accelerator)
-            run.metrics.write({"step": progress.step, "eval_loss": eval_loss})
-            accelerator.log({"eval/loss": eval_loss}, step=progress.step)
-            run.status.update(validation_loss=eval_loss)
-        if run.preview_prompt_ids and progress.step % max(monitoring.preview_steps, 1) == 0:
-            samples = generate_previews(model, run.tokenizer, run.preview_prompt_ids,
-                                        monitoring.preview_max_new_tokens, accelerator)
-            if samples:  # [] on the processes that did not generate
-                run.previews.write({"step": progress.step, "samples": samples})
-                run.status.update(preview={"step": progress.step, "samples": samples})
+            evaluate_step(run)
+        if run.preview_prompt_ids and progress.step % max(config.monitoring.preview_steps, 1) == 0:
+            preview_step(run)
         run.checkpointer.maybe_save(progress)
+        if on_step is not None:
+            on_step(run)
 
     if bar is not None:
         bar.close()
-    return final_loss, eval_loss
 
 
-def finish(config: JobConfig, accelerator, run: Run | None, result: TrainingResult, started: float):
-    """Fill in the result's totals; the main process writes result.json (and the report)."""
+def train_step(run: Run, window: list[dict], global_tokens: int) -> tuple[float, float]:
+    """Forward and backward every micro-batch of the window, clip and step; returns (loss, grad norm).
+
+    The step's loss is sum(token losses over the window and all processes) / global_tokens.
+    Accelerate divides each backward by the accumulation steps and DDP averages gradients over
+    processes, so scaling each micro-batch's summed loss by accumulation * world_size / global_tokens
+    leaves exactly that token mean.
+    """
+    accelerator, model, h = run.accelerator, run.model, run.config.hyperparams
+    scale = h.gradient_accumulation * accelerator.num_processes / max(global_tokens, 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(window):
+        is_last = index == len(window) - 1
+        set_gradient_sync(accelerator, is_last)  # gradients are all-reduced on the window's last micro-batch
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            row_losses, _ = summed_token_loss(model, batch)
+            micro_loss = row_losses.sum()
+            accelerator.backward(micro_loss * scale)
+        loss_sum += micro_loss.detach()
+    loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_tokens, 1)
+
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and h.fp_precision != "fp16"):
+        # DeepSpeed steps inside the last backward, so there the bad step is applied but never saved.
+        applied = ("DeepSpeed applied the step inside backward; no checkpoint holds it"
+                   if accelerator.distributed_type == "DEEPSPEED" else "the step was not applied")
+        raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
+                             f"{run.progress.step + 1}: loss={loss}, grad_norm={grad_norm}; {applied}. "
+                             "Lower hyperparams.learning_rate or check the data.")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def log_step(run: Run, logged: LogWindow, grad_norm: float, bar) -> None:
+    """One metrics record, tracker values, status.json and the progress line for the steps in `logged`."""
+    progress = run.progress
+    run.final_loss = logged.loss()
+    record = _train_record(run, logged, grad_norm)
+    run.run_dir.metrics.write(record)
+    run.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=progress.step)
+    eta = (run.total_steps - progress.step) * (time.time() - logged.started) / max(progress.step - logged.first_step, 1)
+    run.run_dir.status.update(current_step=progress.step, epoch=record["epoch"], loss=run.final_loss,
+                              learning_rate=record["learning_rate"], tokens_per_sec=record["tokens_per_sec"],
+                              eta_sec=eta)
+    _print_progress(bar, run.accelerator, record, eta)
+
+
+def evaluate_step(run: Run) -> None:
+    run.eval_loss = evaluate(run.model, run.eval_loader, run.accelerator)
+    run.run_dir.metrics.write({"step": run.progress.step, "eval_loss": run.eval_loss})
+    run.accelerator.log({"eval/loss": run.eval_loss}, step=run.progress.step)
+    run.run_dir.status.update(validation_loss=run.eval_loss)
+
+
+def preview_step(run: Run) -> None:
+    monitoring = run.config.monitoring
+    samples = generate_previews(run.model, run.tokenizer, run.preview_prompt_ids, monitoring.preview_max_new_tokens,
+                                run.accelerator)
+    if samples:  # [] on the processes that did not generate
+        run.run_dir.previews.write({"step": run.progress.step, "samples": samples})
+        run.run_dir.status.update(preview={"step": run.progress.step, "samples": samples})
+
+
+def _save_and_stop(run: Run, stop: StopFlag) -> None:
+    checkpointer, progress = run.checkpointer, run.progress
+    path = checkpointer.save(progress) if checkpointer.last_step != progress.step else checkpointer.last_path
+    raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {progress.step}; "
+                    f"checkpoint {path}; rerun the same command to resume")
+
+
+def finish(accelerator, run: Run | None, run_dir: RunDir, result: TrainingResult, started: float) -> TrainingResult:
+    """Fill in the result's totals; the main process writes result.json into the folder it owns."""
     elapsed = time.time() - started
     progress = run.progress if run else Progress()
     summary = run.summary if run else {"world_size": accelerator.num_processes}
@@ -444,11 +481,8 @@ def finish(config: JobConfig, accelerator, run: Run | None, result: TrainingResu
                                  run.peak_flops) if run and elapsed else None,
                       "peak_memory_bytes": peak_memory_bytes(),
                       "total_steps": run.total_steps if run else None}
-    if _should_write_result(accelerator, result, config.output_path):
-        config.output_path.mkdir(parents=True, exist_ok=True)
-        result.write(config.output_path / "result.json")
-    if accelerator.is_main_process and run is not None:
-        _maybe_write_report(config.output_path)
+    if _should_write_result(accelerator, result, run_dir.path):
+        run_dir.write_result(result)
     return result
 
 
@@ -470,7 +504,7 @@ def _should_write_result(accelerator, result: TrainingResult, output_dir: Path) 
     return accelerator.is_main_process or not echo
 
 
-def _train_record(run: Run, logged: "Window", grad_norm: float, started: float) -> dict:
+def _train_record(run: Run, logged: LogWindow, grad_norm: float) -> dict:
     progress, now = run.progress, time.time()
     seconds = max(now - logged.started, 1e-9)
     record = {
@@ -478,7 +512,7 @@ def _train_record(run: Run, logged: "Window", grad_norm: float, started: float) 
         "epoch": progress.epoch + progress.batches_in_epoch / max(len(run.train_loader), 1),
         "loss": logged.loss(), "learning_rate": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
         "num_tokens": progress.num_tokens, "tokens_per_sec": logged.num_tokens / seconds,
-        "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": now - started,
+        "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": now - run.started,
         "peak_memory_bytes": peak_memory_bytes(),
     }
     utilisation = mfu(run.num_parameters, record["input_tokens_per_sec"], run.accelerator.num_processes,
@@ -486,40 +520,6 @@ def _train_record(run: Run, logged: "Window", grad_norm: float, started: float) 
     if utilisation is not None:
         record["mfu"] = utilisation
     return record
-
-
-def _log_to_file(path: Path) -> None:
-    """A copy of this process's log lines in the output folder."""
-    root = logging.getLogger()
-    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
-        return
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-
-
-def _stop_log_file(path: Path) -> None:
-    """Close the copy opened by `_log_to_file`, so a later run in this process does not write to it."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == os.path.abspath(path)]:
-        root.removeHandler(handler)
-        handler.close()
-
-
-def _maybe_write_report(output_dir: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        return
-    try:
-        from launcher.report import write_report
-
-        write_report(output_dir)
-    except Exception as error:  # the run succeeded or failed already; a plot must not change that
-        logger.warning("could not write the run report: %s", error)
 
 
 def _progress_bar(accelerator, total_steps: int, initial: int):
@@ -531,7 +531,7 @@ def _progress_bar(accelerator, total_steps: int, initial: int):
     return tqdm(total=total_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
 
-def _report(bar, accelerator, record: dict, eta: float) -> None:
+def _print_progress(bar, accelerator, record: dict, eta: float) -> None:
     if bar is not None:
         bar.n = record["step"]
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")

@@ -183,7 +183,8 @@ EXPLICIT = {
         "adam_betas": [0.8, 0.95], "adam_epsilon": 1e-6, "fp_precision": "fp32", "seed": 7, "save_steps": 50,
         "save_total_limit": 2, "eval_steps": 25,
     },
-    "output": {"output_dir": "runs/a", "resume": "never", "overwrite": True, "merge_lora": True},
+    "output": {"output_dir": "runs/a", "resume": "never", "overwrite": True, "merge_lora": True,
+               "resume_changes": "allow"},
     "monitoring": {
         "validation_split": 0.1, "validation_max_samples": 100, "preview_steps": 20,
         "preview_prompts": ["Hi", "Bye"], "preview_num_prompts": 3, "preview_max_new_tokens": 32,

@@ -26,7 +26,7 @@ from loop.data import (
     render_messages,
     render_text,
 )
-from loop.data_prepare import best_fit_decreasing, pack
+from loop.data.prepare import best_fit_decreasing, pack
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -471,7 +471,7 @@ def test_flash_attention_gets_the_packed_sequence_boundaries(tiny_model_dir, tin
 
 
 def test_the_loops_loader_gives_flash_attention_the_boundaries(make_job, tmp_path, tiny_tokenizer):
-    from loop.data_batches import build_dataloader
+    from loop.data.batches import build_dataloader
 
     rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 0, 1]}]
     for implementation, expected in (("sdpa", False), ("flash_attention_2", True), ("flash_attention_3", True)):
@@ -519,8 +519,9 @@ def test_collator_pads_right_with_mask_and_ignored_labels():
 
     packed = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 0, 1]},
                       {"input_ids": [4], "labels": [-100], "position_ids": [0]}])
-    assert set(packed) == {"input_ids", "labels", "position_ids"}
+    assert set(packed) == {"input_ids", "labels", "position_ids", "num_real_tokens"}
     assert packed["position_ids"].tolist() == [[0, 0, 1], [0, 0, 1]]
+    assert packed["num_real_tokens"].tolist() == [3, 1]  # the padding is not counted as input
     assert packed["labels"][1].tolist() == [-100, -100, -100]
 
 

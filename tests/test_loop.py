@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from launcher.config import ConfigError, load_config
 from launcher.demo import build_tiny_model
 from loop.checkpoint import COMPLETE_MARKER
+from loop.run_dir import MARKER
 from loop.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +139,7 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path, 
         import shutil
         shutil.rmtree(path)
     (parted.output_path / "final" / "model.safetensors").unlink()
+    (parted.output_path / "result.json").unlink()
     resumed = train(parted)
     assert first.success and resumed.success
     assert resumed.summary["resumed_from"].endswith("step_000003")
@@ -174,6 +176,7 @@ def test_retention_keeps_the_newest_complete_checkpoints_and_clears_leftovers(tm
         "batch_size = 2", "save_steps = 2", "save_total_limit = 2", "max_steps = 10"]))
     checkpoints = config.output_path / "checkpoints"
     (checkpoints / ".tmp-step_000004").mkdir(parents=True)   # a save that was killed
+    (config.output_path / MARKER).write_text('{"run_id": "killed-run"}')  # by a run of ours
     (checkpoints / "step_000099").mkdir()                    # renamed but never marked complete
     (checkpoints / "notes").mkdir()                          # not ours: left alone
     result = train(config)
@@ -308,6 +311,7 @@ def test_retention_left_undone_by_a_kill_is_applied_when_the_run_restarts(tmp_pa
     record = json.loads(progress.read_text())
     record["progress"]["step"] = 2
     progress.write_text(json.dumps(record))
+    (config.output_path / "result.json").unlink()  # the kill came before the run finished
     assert train(config).success  # resumes at step 6: nothing left to train, nothing new saved
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004", "step_000006"]
 

@@ -131,16 +131,20 @@ def test_torn_metrics_null_and_nan_values_are_tolerated(tmp_path):
     assert "tokens/s: 2,500" in text
 
 
-def test_a_run_that_has_not_written_status_yet(tmp_path):
+def test_an_empty_folder_holds_no_run(tmp_path, capsys):
+    """`status` on a folder no run has written into exits 2 saying so, rather than "not started"."""
+    from launcher.cli import main
+
     (tmp_path / "run").mkdir()
-    assert "not started" in status_text(tmp_path / "run")
+    assert main(["status", str(tmp_path / "run")]) == 2
+    assert "holds no run of this project" in capsys.readouterr().err
 
 
 def test_a_missing_folder_or_a_foreign_one_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no such folder"):
         status_text(tmp_path / "nope")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ConfigError, match="not a training output folder"):
+    with pytest.raises(ConfigError, match="holds no run of this project"):
         status_text(tmp_path)
     with pytest.raises(ConfigError, match="is a file"):
         status_text(tmp_path / "notes.txt")
@@ -216,7 +220,7 @@ def test_main_report_exit_codes(tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     assert main_report(tmp_path / "empty") == 2
-    assert "nothing to report" in capsys.readouterr().err
+    assert "holds no run of this project" in capsys.readouterr().err
 
 
 def test_pyplot_is_never_imported(tmp_path):

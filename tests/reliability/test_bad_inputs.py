@@ -335,7 +335,7 @@ CASES = [
          ["--set hyperparams.learning_rate", "must be > 0"]),
 ]
 
-SENTINEL = {"sentinel.txt": "an earlier run's file\n",
+SENTINEL = {"sentinel.txt": "an earlier run's file\n", ".trainer-engine-run": '{"run_id": "earlier"}\n',
             "result.json": json.dumps({"success": True, "global_step": 7, "error": None}) + "\n",
             "status.json": json.dumps({"status": "completed", "current_step": 7}) + "\n"}
 

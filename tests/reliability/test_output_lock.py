@@ -20,6 +20,7 @@ import time
 import pytest
 
 from launcher.cli import main
+from loop.run_dir import MARKER
 
 from .reliability_helpers import (
     REPO,
@@ -110,6 +111,7 @@ def test_a_lock_of_a_live_or_unknowable_owner_is_respected(tmp_path, tiny_model_
     try:
         pid, host = (sleeper.pid, HOST) if owner == "live-process-here" else (dead_pid(), "another-machine-07")
         (output / ".lock").write_text(json.dumps({"pid": pid, "host": host, "started": time.time()}))
+        (output / MARKER).write_text('{"run_id": "earlier"}')
         (output / "sentinel.txt").write_text("an earlier run's file")
         before = snapshot(output)
         code, text = run_cli(["run", job], capsys)

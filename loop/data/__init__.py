@@ -7,9 +7,10 @@
     print(data.report.format())
 
 Each dataset row holds `input_ids` and `labels` (`IGNORE_INDEX` where no loss is taken) and, with
-`data.packing`, `position_ids`. The pieces live beside this module: `data_render` (messages to
-tokens and labels), `data_prepare` (reading, tokenizing, caching, splitting, packing),
-`data_batches` (collator and sampler), `data_report` (what was kept and dropped).
+`data.packing`, `position_ids`. The pieces live in this package: `render` (messages to tokens and
+labels), `prepare` (reading, tokenizing, splitting, packing), `cache` (fingerprint, save, load),
+`batches` (collator and sampler), `report` (what was kept and dropped), `templates` (built-in chat
+templates).
 """
 
 from __future__ import annotations
@@ -22,24 +23,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launcher.config import ConfigError, JobConfig
-from loop.data_batches import Collator, EpochSampler, build_dataloader, example_lengths
-from loop.data_prepare import (
+from loop.data.batches import Collator, EpochSampler, build_dataloader, example_lengths
+from loop.data.prepare import (
     Records,
     Settings,
-    cache_root,
-    code_digest,
-    file_digest,
-    fingerprint,
     keep_usable,
-    load_cached,
     pack,
     read_records,
-    save_cache,
     split_validation,
     tokenize_records,
-    tokenizer_digest,
 )
-from loop.data_render import (
+from loop.data.cache import cache_root, code_digest, file_digest, fingerprint, load_cached, save_cache, tokenizer_digest
+from loop.data.render import (
     IGNORE_INDEX,
     TRAIN_ON,
     DataError,
@@ -50,7 +45,8 @@ from loop.data_render import (
     render_messages,
     render_text,
 )
-from loop.data_report import MAX_PROBLEMS, DataReport, mark_trained
+from loop.data.report import MAX_PROBLEMS, DataReport, mark_trained
+from loop.data.templates import CHATML_GENERATION_TEMPLATE
 from profiles import Profile, fill_system_prompt, get_profile, profile_fingerprint
 
 __all__ = [
@@ -73,6 +69,8 @@ class PreparedData:
     """The cache folder these datasets were saved to or loaded from (None if it could not be written)."""
     from_cache: bool = False
     """True when nothing was tokenized: the datasets came from the cache."""
+    digest: str = ""
+    """The content of the data and how it was rendered, without paths: what a checkpoint records."""
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -109,8 +107,6 @@ def read_chat_template(value: str) -> str:
     A `.json` file may hold `{"chat_template": "..."}`, as `chat_template.json` files do.
     """
     if value == "chatml":
-        from launcher.demo import CHATML_GENERATION_TEMPLATE
-
         # ChatML with {% generation %} markers: renders exactly like plain ChatML, and gives the exact
         # assistant mask.
         return CHATML_GENERATION_TEMPLATE
@@ -149,7 +145,8 @@ def build_datasets(config: JobConfig, tokenizer, main_process_first: Callable[[]
     profile = get_profile(config.profile.name, search_paths=[p for p in [_job_folder(config)] if p])
     system_prompt = fill_system_prompt(config.profile.system_prompt)
     template = _check_profile_settings(config, tokenizer, profile)
-    folder = cache_root(config.data.cache_dir) / _fingerprint(config, tokenizer, profile, system_prompt, template)
+    parts = _fingerprint_parts(config, tokenizer, profile, system_prompt, template)
+    folder = cache_root(config.data.cache_dir) / fingerprint(parts)
 
     failure = None
     with main_process_first() if main_process_first else nullcontext():
@@ -161,7 +158,15 @@ def build_datasets(config: JobConfig, tokenizer, main_process_first: Callable[[]
             failure = error
     if failure is not None:
         raise failure
+    # What a checkpoint records of its data: the same parts without our code's digest or the files'
+    # paths, so upgrading the project or moving the data keeps a run resumable; new content does not.
+    prepared.digest = fingerprint({**parts, "code": None, "train": _content(parts["train"]),
+                                   "validation": _content(parts["validation"])})
     return prepared
+
+
+def _content(file_digest_: str | None) -> str | None:
+    return file_digest_.rsplit(":", 1)[-1] if file_digest_ else None
 
 
 def _check_profile_settings(config: JobConfig, tokenizer, profile: Profile) -> str | None:
@@ -178,10 +183,12 @@ def _check_profile_settings(config: JobConfig, tokenizer, profile: Profile) -> s
     return chat_template_of(tokenizer)
 
 
-def _fingerprint(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, template: str | None) -> str:
+def _fingerprint_parts(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, template: str | None
+                       ) -> dict:
+    """Everything that decides the prepared rows; the cache folder is named by its hash."""
     data, monitoring = config.data, config.monitoring
     is_split = not data.validation_path and monitoring.validation_split > 0
-    return fingerprint({
+    return {
         "code": code_digest(),
         "train": file_digest(data.dataset_path),
         "validation": file_digest(data.validation_path) if data.validation_path else None,
@@ -191,7 +198,7 @@ def _fingerprint(config: JobConfig, tokenizer, profile: Profile, system_prompt: 
         "on_bad_record": data.on_bad_record,
         "split": [monitoring.validation_split, monitoring.validation_max_samples, config.hyperparams.seed]
         if is_split else None,
-    })
+    }
 
 
 def _load_or_prepare(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, folder: Path

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from launcher.config import JobConfig
 from loop.data import build_datasets, load_tokenizer
-from loop.model import build_model
+from loop.model import build_model, count_parameters
 
 
 def validate_job(config: JobConfig, *, num_processes: int | None = None) -> str:
@@ -16,9 +14,8 @@ def validate_job(config: JobConfig, *, num_processes: int | None = None) -> str:
     model = build_model(config, tokenizer)
     h = config.hyperparams
     world = num_processes or config.launch.num_processes
-    batches_per_process = math.ceil(len(data.train) / (h.batch_size * world))
-    total_steps = config.total_steps(batches_per_process)
-    num_params = sum(p.numel() for p in model.parameters())
+    total_steps = config.num_optimizer_steps(len(data.train), world)
+    _, num_params = count_parameters(model)  # 4-bit weights as the values they hold
     lines = [
         f"job: {config.source}",
         f"model: {config.model.model_path} ({type(model).__name__}, {num_params:,} parameters)",

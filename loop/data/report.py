@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from loop.data_render import IGNORE_INDEX
+from loop.data.render import IGNORE_INDEX
 
 DROP_REASONS = {
     "invalid_json": "line is not valid JSON",

@@ -1,27 +1,24 @@
-"""The locked-config guard: `[locked]` values and `output_dir/lock.json` against the model actually loaded.
+"""The model identity of a run: `[locked]` values and the identity recorded in the run folder,
+checked against the model actually loaded.
 
-    record = check_lock(config, model, tokenizer)   # every process, right after build_model; raises LockError
-    ...
-    write_lock(config.output_path, record)          # main process, once output_dir exists
+    identity = check_identity(config, model, tokenizer, recorded=run_dir.recorded_identity)  # raises IdentityError
+    run_dir.open(identity=identity, ...)            # the run folder's marker records it
 
 `[locked]` states what a job must train (`base_model`, `model_architecture`, `vocab_size`, and
 `max_context_length`, an upper bound for `data.max_length`); empty or 0 skips a field. Independently,
-the first run in an output folder records what it trained in `lock.json`, and a later run in the
+the first run in an output folder records what it trained in its marker, and a later run in the
 same folder with another model, vocabulary, context length or `data.max_length` is refused, so
 a folder never mixes checkpoints of two different models. A run that replaces the folder
-(`output.resume = "never"` with `output.overwrite = true`) records anew. The checks read only config
-attributes, so they take microseconds.
+(`output.resume = "never"` with `output.overwrite = true`) records anew. Nothing here reads or writes
+files: the run folder's owner (`loop.run_dir`) does.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from launcher.config import ConfigError, JobConfig
-from launcher.result import write_atomic
 
-LOCK_FILE = "lock.json"
 # The recorded fields, in the order they are reported.
 FIELDS = ("base_model", "model_architecture", "vocab_size", "max_context_length", "data_max_length")
 # What each recorded field is, for messages.
@@ -30,8 +27,8 @@ LABELS = {"base_model": "model.model_path", "model_architecture": "the model cla
           "data_max_length": "data.max_length"}
 
 
-class LockError(ConfigError):
-    """The loaded model or the data settings contradict `[locked]` or the output folder's `lock.json`."""
+class IdentityError(ConfigError):
+    """The loaded model or the data settings contradict `[locked]` or the identity recorded in the run folder."""
 
 
 def actual_values(config: JobConfig, model, tokenizer) -> dict:
@@ -48,30 +45,16 @@ def actual_values(config: JobConfig, model, tokenizer) -> dict:
     }
 
 
-def check_lock(config: JobConfig, model, tokenizer) -> dict:
-    """Raise `LockError` listing every contradiction; return the record for `write_lock` (writes nothing)."""
+def check_identity(config: JobConfig, model, tokenizer, recorded: dict | None) -> dict:
+    """Raise `IdentityError` listing every contradiction; return what this run trains, to be recorded."""
     actual = actual_values(config, model, tokenizer)
     problems = _locked_problems(config, model, actual, len(tokenizer))
     replacing = config.output.resume == "never" and config.output.overwrite
-    path = config.output_path / LOCK_FILE
-    if path.is_file() and not replacing:
-        problems += _recorded_problems(path, actual)
+    if recorded and not replacing:
+        problems += _recorded_problems(config.output_path, recorded, actual)
     if problems:
-        raise LockError("the job does not match its lock:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise IdentityError("the job does not match its lock:\n" + "\n".join(f"  - {p}" for p in problems))
     return actual
-
-
-def write_lock(output_dir: str | Path, record: dict) -> Path:
-    """Record `record` in `output_dir/lock.json` (main process only; after `check_lock` passed).
-
-    Written when absent, or when it differs (only possible for a run that replaces the folder);
-    atomically, so a reader never sees half a file.
-    """
-    path = Path(output_dir) / LOCK_FILE
-    text = json.dumps(record, indent=2) + "\n"
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        write_atomic(path, text)
-    return path
 
 
 def _base(model):
@@ -117,14 +100,9 @@ def _locked_problems(config: JobConfig, model, actual: dict, tokenizer_size: int
     return problems
 
 
-def _recorded_problems(path: Path, actual: dict) -> list[str]:
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        return [f"{path}: cannot read the lock of the earlier run ({error}); remove it only if this folder's "
-                "checkpoints are of this model."]
+def _recorded_problems(folder: Path, recorded: dict, actual: dict) -> list[str]:
     fresh = (f"To train something else, choose a new output.output_dir (or set output.resume = \"never\" and "
-             f"output.overwrite = true to replace the run in {path.parent}).")
+             f"output.overwrite = true to replace the run in {folder}).")
     problems = []
     for name in FIELDS:
         if name not in recorded:
@@ -132,6 +110,6 @@ def _recorded_problems(path: Path, actual: dict) -> list[str]:
         before, now = recorded[name], actual[name]
         same = _same_model(str(before), str(now)) if name == "base_model" else before == now
         if not same:
-            problems.append(f"{name} ({LABELS[name]}): {path} records {before!r} from the first run in this "
+            problems.append(f"{name} ({LABELS[name]}): {folder} records {before!r} from the first run in this "
                             f"folder, but this run has {now!r}. {fresh}")
     return problems

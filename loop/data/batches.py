@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from loop.data_render import IGNORE_INDEX
+from loop.data.render import IGNORE_INDEX
+
+
+NUM_REAL_TOKENS = "num_real_tokens"  # a batch key the model is not called with
 
 
 class Collator:
@@ -25,7 +28,8 @@ class Collator:
 
     Unpacked examples get an `attention_mask`. Packed rows (with `position_ids`) get none: the
     padding becomes one more short sequence whose positions restart at 0, which transformers
-    masks off like any other packed sequence, and its labels are ignored.
+    masks off like any other packed sequence, and its labels are ignored. So that throughput counts
+    only real tokens, packed batches carry `num_real_tokens` (per row), which is not a model input.
 
     `flash_varlen` (for flash-attention models): packed batches also carry the sequence boundaries
     of the flattened batch (`cu_seq_lens_q/k`, `max_length_q/k`), which transformers passes to the
@@ -54,6 +58,7 @@ class Collator:
         }
         if packed:
             batch["position_ids"] = _padded([e["position_ids"] for e in examples], width, None)
+            batch[NUM_REAL_TOKENS] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
             if self.flash_varlen:
                 batch.update(_sequence_boundaries(batch["position_ids"]))
         else:
