@@ -19,6 +19,7 @@ from pathlib import Path
 from launcher.config import ConfigError, load_config, parse_override
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:  # Ctrl-C: status.json says "interrupted"; the newest checkpoint resumes
+        print("\ninterrupted; rerun the same command to resume from the newest checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # a bug or an environment problem outside the training itself
         if os.environ.get("TRAINER_ENGINE_DEBUG"):
             raise

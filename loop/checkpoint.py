@@ -203,11 +203,10 @@ class Checkpointer:
         if output.resume != "auto":
             path = Path(output.resume)
             try:
-                record = self._verified(path)
+                return path, self._load(path, self._verified(path), config, total_steps)
             except CheckpointError as error:
                 raise ResumeError(f"output.resume: {path} cannot be resumed from: {error}. Pick a complete "
                                   "folder under checkpoints/, or use \"auto\"") from None
-            return path, self._load(path, record, config, total_steps)
 
         current = recorded_run_id or LEGACY_RUN_ID
         candidates = [(path, step) for path, step, run_id in _scan(self.output_dir) if run_id == current]

@@ -226,8 +226,11 @@ class Run:
     eval_loss: float | None = None
 
 
-def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
+def train(config: JobConfig, *, status_writer=None, on_step=None) -> TrainingResult:
     """Train as configured on this process (one of many under a distributed launch).
+
+    `status_writer(fields)` receives every status update and `on_step(run)` is called after every
+    optimizer step: the hooks for tools (the benchmarks time steps with `on_step`).
 
     Raises `ConfigError` (and its subclasses for data, model and resume problems) before anything
     is written to `output_dir`; any failure after that returns `TrainingResult(success=False)`.
@@ -242,33 +245,35 @@ def train(config: JobConfig, *, status_writer=None) -> TrainingResult:
     accelerator = build_accelerator(config)
     run_dir = RunDir(config.output_path, is_main=accelerator.is_main_process)
     run = None
-    try:
-        run = setup(config, accelerator, run_dir, status_writer, started)
-        with StopFlag() as stop:
-            fit(run, stop)
-        final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path, config=config)
-        run.summary.update(final_model=str(final_dir), eval_loss=run.eval_loss)
-        result = TrainingResult(success=True, final_loss=run.final_loss)
-        run_dir.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
-    except ConfigError:
-        run_dir.close()
-        raise
-    except Preempted as stop:
-        result = TrainingResult(success=False, error=f"preempted: {stop}")
-        run.summary["preempted"] = True
-        run_dir.status.update(status="preempted", error_message=result.error)
-    except Exception as error:  # a failed run is a result, not an exception (see the contract)
-        rank = accelerator.process_index
-        logger.error("rank %d failed: %s", rank, error, exc_info=not isinstance(error, NonFiniteError))
-        result = TrainingResult(success=False, error=f"rank {rank}: {type(error).__name__}: {error}")
-        run_dir.status.update(status="failed", error_message=result.error)
-    except BaseException:  # Ctrl-C or SystemExit: say so in status.json, free the folder, re-raise
-        run_dir.status.update(status="failed", error_message="interrupted")
-        run_dir.close()
-        raise
-    finally:
-        if config.environment.report_to and run is not None:
-            accelerator.end_training()
+    # Installed from the start: a stop requested while loading is honoured at the first step (before
+    # any training), and one during the final save lets the save finish (the run is then complete).
+    with StopFlag() as stop:
+        try:
+            run = setup(config, accelerator, run_dir, status_writer, started)
+            fit(run, stop, on_step)
+            final_dir = save_final_model(accelerator, run.model, run.tokenizer, config.output_path, config=config)
+            run.summary.update(final_model=str(final_dir), eval_loss=run.eval_loss)
+            result = TrainingResult(success=True, final_loss=run.final_loss)
+            run_dir.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
+        except ConfigError:
+            run_dir.close()
+            raise
+        except Preempted as stopped:
+            result = TrainingResult(success=False, error=f"preempted: {stopped}")
+            run.summary["preempted"] = True
+            run_dir.status.update(status="preempted", error_message=result.error)
+        except Exception as error:  # a failed run is a result, not an exception (see the contract)
+            rank = accelerator.process_index
+            logger.error("rank %d failed: %s", rank, error, exc_info=not isinstance(error, NonFiniteError))
+            result = TrainingResult(success=False, error=f"rank {rank}: {type(error).__name__}: {error}")
+            run_dir.status.update(status="failed", error_message=result.error)
+        except BaseException:  # Ctrl-C or SystemExit: say so in status.json, free the folder, re-raise
+            run_dir.status.update(status="failed", error_message="interrupted")
+            run_dir.close()
+            raise
+        finally:
+            if config.environment.report_to and run is not None:
+                accelerator.end_training()
     result = finish(accelerator, run, run_dir, result, started)
     run_dir.close()
     return result
@@ -459,6 +464,9 @@ def preview_step(run: Run) -> None:
 
 def _save_and_stop(run: Run, stop: StopFlag) -> None:
     checkpointer, progress = run.checkpointer, run.progress
+    if progress.step == 0:  # asked to stop while loading: nothing trained, nothing to save
+        raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} before the first step; "
+                        "rerun the same command to start")
     path = checkpointer.save(progress) if checkpointer.last_step != progress.step else checkpointer.last_path
     raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {progress.step}; "
                     f"checkpoint {path}; rerun the same command to resume")

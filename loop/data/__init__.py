@@ -158,6 +158,8 @@ def build_datasets(config: JobConfig, tokenizer, main_process_first: Callable[[]
             failure = error
     if failure is not None:
         raise failure
+    for warning in prepared.report.warnings():
+        logger.warning("data: %s", warning)
     # What a checkpoint records of its data: the same parts without our code's digest or the files'
     # paths, so upgrading the project or moving the data keeps a run resumable; new content does not.
     prepared.digest = fingerprint({**parts, "code": None, "train": _content(parts["train"]),
@@ -284,5 +286,7 @@ def _report(train, validation, records: list[Records], num_truncated: int, confi
         max_length=config.data.max_length,
         packing=config.data.packing,
         problems=[p for r in records for p in r.problems][:MAX_PROBLEMS],
+        num_special_text=sum(r.num_special_text for r in records),
+        special_text_example=next((r.special_text_example for r in records if r.special_text_example), ""),
         sample={"input_ids": list(train[0]["input_ids"]), "labels": list(train[0]["labels"])},
     )

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from loop.data.render import IGNORE_INDEX, DataError, Renderer, TemplateError, render_text
+from launcher.config import ConfigError
+from loop.data.render import IGNORE_INDEX, DataError, Renderer, TemplateError, render_text, special_token_pattern
 from loop.data.report import MAX_PROBLEMS, DataReport
 from profiles import Profile, RecordError, check_messages
 
@@ -47,6 +49,9 @@ class Records:
     num_read: int = 0
     dropped: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    num_special_text: int = 0
+    """Kept records whose text holds a special token's text (see `DataReport.num_special_text`)."""
+    special_text_example: str = ""
 
     def drop(self, line: int, reason: str, message: str) -> None:
         self.dropped[reason] += 1
@@ -64,24 +69,59 @@ def open_data_file(path: str | Path):
 
 
 def read_records(path: str | Path, profile: Profile, system_prompt: str, on_bad_record: str) -> Records:
-    """Parse a JSONL file and apply the profile; bad lines raise `DataError` or are counted."""
+    """Parse a JSONL file and apply the profile; bad lines raise `DataError` or are counted.
+
+    Every way a line can be unusable (not UTF-8, invalid or unreadable JSON, not an object, a
+    record the profile rejects, text that is not valid Unicode, a line over `MAX_LINE_BYTES`) is a
+    bad record of that line, never an exception of another kind.
+    """
     records = Records(path=str(path))
     with open_data_file(path) as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
+        for line_number, raw in _lines(handle):
+            if raw is not None and not raw.strip():
                 continue
             index = records.num_read
             records.num_read += 1
             try:
+                if raw is None:
+                    raise _BadRecord("too_large", f"the line is longer than {MAX_LINE_BYTES >> 20} MiB")
                 payload = _transform(raw, line_number, index, profile, system_prompt)
             except _BadRecord as bad:
+                message = printable(bad.message)
                 if on_bad_record == "error":
-                    raise DataError(f"{path}:{line_number}: {bad.message}. {_SKIP_HINT}") from None
-                records.drop(line_number, bad.reason, bad.message)
+                    raise DataError(f"{path}:{line_number}: {message}. {_SKIP_HINT}") from None
+                records.drop(line_number, bad.reason, message)
                 continue
             records.lines.append(line_number)
             records.payloads.append(payload)
     return records
+
+
+MAX_LINE_BYTES = 64 << 20
+"""Longest line read: far more text than any example's `max_length` holds, so a longer one is a
+broken file (e.g. no newlines), refused without holding it in memory."""
+
+
+def _lines(handle):
+    """`(line number, bytes)` per line of a binary file; `None` for a line over `MAX_LINE_BYTES`."""
+    line_number = 0
+    while raw := handle.readline(MAX_LINE_BYTES + 1):
+        line_number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded pieces
+                raw = handle.readline(1 << 20)
+            raw = None
+        yield line_number, raw
+
+
+def printable(message: str, limit: int = 500) -> str:
+    """`message` safe to print and store: control characters and lone surrogates escaped, at most
+    `limit` characters (a record's value quoted in a message may be megabytes long)."""
+    if len(message) > limit:
+        message = f"{message[:limit]}... ({len(message)} characters)"
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 class _BadRecord(Exception):
@@ -91,6 +131,7 @@ class _BadRecord(Exception):
 
 
 def _transform(raw: bytes, line_number: int, index: int, profile: Profile, system_prompt: str) -> str:
+    """The record of one line as the JSON payload the tokenizing step reads; `_BadRecord` if unusable."""
     try:
         # utf-8-sig: a byte-order mark on the first line is not part of the JSON.
         text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").rstrip("\r\n")
@@ -99,6 +140,14 @@ def _transform(raw: bytes, line_number: int, index: int, profile: Profile, syste
         raise _BadRecord("invalid_json", f"not UTF-8 text ({error})") from None
     except json.JSONDecodeError as error:
         raise _BadRecord("invalid_json", f"invalid JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise _BadRecord("invalid_json", "JSON nested too deeply to read (about 1000 levels or more); "
+                                         "flatten the record") from None
+    except ValueError as error:
+        if "integer string conversion" in str(error):  # Python reads integers of at most 4300 digits
+            raise _BadRecord("invalid_json", "unreadable JSON: a number of more than 4300 digits; write it as "
+                                             "a string or remove it") from None
+        raise _BadRecord("invalid_json", f"unreadable JSON: {error}") from None
     if not isinstance(record, dict):
         raise _BadRecord("invalid_record", f"expected a JSON object, got {type(record).__name__}")
     try:
@@ -108,15 +157,53 @@ def _transform(raw: bytes, line_number: int, index: int, profile: Profile, syste
                               '{"messages": [...]} or {"text": "..."}')
         if "messages" in example:
             check_messages(example["messages"], profile.roles)
-            return json.dumps({"messages": example["messages"]}, ensure_ascii=False)
-        if not isinstance(example["text"], str):
+            payload = {"messages": example["messages"]}
+        elif isinstance(example["text"], str):
+            payload = {"text": example["text"]}
+        else:
             raise RecordError(f"`text` must be a string, got {type(example['text']).__name__}")
-        return json.dumps({"text": example["text"]}, ensure_ascii=False)
     except RecordError as error:
         raise _BadRecord("invalid_record", str(error)) from None
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+    except Exception as error:
         # A user profile that trips over an unexpected record: the record is what is reported.
         raise _BadRecord("invalid_record", f"the profile raised {type(error).__name__}: {error}") from None
+    try:
+        text = json.dumps(payload, ensure_ascii=False)
+    except RecursionError:
+        raise _BadRecord("invalid_record", "the messages are nested too deeply to store; flatten them") from None
+    except (TypeError, ValueError) as error:  # a user profile that returned something JSON cannot hold
+        raise _BadRecord("invalid_record", f"the profile returned a value JSON cannot hold: {error}") from None
+    if not _is_utf8(text):
+        # json.loads accepts an escape like "\ud800" without its pair; no tokenizer or Arrow file can hold it.
+        raise _BadRecord("invalid_record", f"{_lone_surrogate(payload)} holds a lone UTF-16 surrogate (an escape "
+                                           "like \\ud800 without its pair), which is not Unicode text; remove it "
+                                           "or write the whole pair")
+    return text
+
+
+def _lone_surrogate(payload: dict) -> str:
+    """Where the first string holding a lone surrogate is, e.g. `messages[1].content`."""
+    stack: list[tuple[Any, str]] = [(payload, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str) and not _is_utf8(value):
+            return where
+        if isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                if isinstance(key, str) and not _is_utf8(key):
+                    return f"a key of {where or 'the record'}"
+                stack.append((item, f"{where}.{key}" if where else str(key)))
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{i}]") for i, item in reversed(list(enumerate(value)))]
+    return "the record"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- 2. tokenizing -----------------------------------------------------------------------------
@@ -130,7 +217,8 @@ class Settings:
 
 
 def tokenize_records(records: Records, tokenizer, settings: Settings, num_proc: int, fingerprint: str):
-    """A `datasets.Dataset` with `input_ids`, `labels`, `line`, `status` ("" = kept), `truncated`."""
+    """A `datasets.Dataset` with `input_ids`, `labels`, `line`, `status` ("" = kept), `truncated` and
+    `special_text` (where the record's text holds a special token's text, "" if nowhere)."""
     import datasets
 
     table = datasets.Dataset.from_dict({"line": records.lines, "payload": records.payloads})
@@ -142,6 +230,7 @@ def tokenize_records(records: Records, tokenizer, settings: Settings, num_proc: 
         "labels": datasets.List(datasets.Value("int32")),
         "status": datasets.Value("string"),
         "truncated": datasets.Value("bool"),
+        "special_text": datasets.Value("string"),
     })
     batch_size = 500
     # A process per batch at most: start-up costs more than a few hundred records take.
@@ -158,21 +247,66 @@ def tokenize_records(records: Records, tokenizer, settings: Settings, num_proc: 
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, settings: Settings) -> dict[str, list]:
-    payloads = [json.loads(p) for p in batch["payload"]]
-    chats = [p["messages"] for p in payloads if "messages" in p]
-    rendered = iter(Renderer(tokenizer, settings.train_on).render_conversations(chats) if chats else [])
-    out: dict[str, list] = {"line": batch["line"], "input_ids": [], "labels": [], "status": [], "truncated": []}
-    for payload in payloads:
-        try:
-            result = render_text(tokenizer, payload["text"]) if "text" in payload else next(rendered)
-        except Exception as error:  # a tokenizer that refuses this text: a problem of the record
-            result = RecordError(f"cannot tokenize the text: {type(error).__name__}: {error}")
+    """The rows of a batch. A record that fails in any way becomes a row whose status says why, so
+    one record never stops the map (nor one of its worker processes)."""
+    payloads = [_parse(p) for p in batch["payload"]]
+    results = _render_payloads(payloads, tokenizer, settings)
+    specials = special_token_pattern(tokenizer)
+    out: dict[str, list] = {"line": batch["line"], "input_ids": [], "labels": [], "status": [], "truncated": [],
+                            "special_text": []}
+    for payload, result in zip(payloads, results):
         ids, labels, status, truncated = _fit(result, settings)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["status"].append(status)
         out["truncated"].append(truncated)
+        out["special_text"].append("" if status else _special_text(payload, specials))
     return out
+
+
+def _parse(payload: str) -> dict | Exception:
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as error:  # a worker's stack is deeper than the reader's was
+        return RecordError(f"cannot read the record back: {type(error).__name__}: {error}")
+
+
+def _render_payloads(payloads: list[dict | Exception], tokenizer, settings: Settings) -> list:
+    """`(input_ids, labels)` per payload, or the exception of that record."""
+    try:
+        chats = [p["messages"] for p in payloads if isinstance(p, dict) and "messages" in p]
+        rendered = iter(Renderer(tokenizer, settings.train_on).render_conversations(chats) if chats else [])
+        results = []
+        for payload in payloads:
+            if isinstance(payload, Exception):
+                results.append(payload)
+            elif "text" in payload:
+                results.append(render_text(tokenizer, payload["text"]))
+            else:
+                results.append(next(rendered))
+        return results
+    except ConfigError:
+        raise  # the template or a setting, not one record
+    except Exception as error:  # e.g. the tokenizer refusing a text
+        if len(payloads) == 1:
+            return [RecordError(f"cannot tokenize this record: {type(error).__name__}: {error}")]
+        # One record broke the batch: tokenize each alone to find it.
+        return [result for payload in payloads for result in _render_payloads([payload], tokenizer, settings)]
+
+
+def _special_text(payload: dict, pattern: re.Pattern | None) -> str:
+    """Where the record's text holds a special token's text, e.g. "messages[1].content holds '<|im_end|>'"."""
+    if pattern is None:
+        return ""
+    if "text" in payload:
+        places = [("text", payload["text"])]
+    else:
+        places = [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(payload["messages"])]
+    for where, text in places:
+        match = pattern.search(text) if isinstance(text, str) else None
+        if match:
+            return printable(f"{where} holds {match.group()!r}")
+    return ""
 
 
 def _fit(result, settings: Settings) -> tuple[list[int], list[int], str, bool]:
@@ -180,7 +314,7 @@ def _fit(result, settings: Settings) -> tuple[list[int], list[int], str, bool]:
     if isinstance(result, TemplateError):
         return [], [], f"template:{result}", False
     if isinstance(result, Exception):
-        return [], [], f"invalid_record:{result}", False
+        return [], [], f"invalid_record:{printable(str(result))}", False
     ids, labels = result
     truncated = len(ids) > settings.max_length
     if truncated:
@@ -194,14 +328,15 @@ def _fit(result, settings: Settings) -> tuple[list[int], list[int], str, bool]:
 
 
 def keep_usable(tokenized, records: Records, on_bad_record: str):
-    """The kept rows of `tokenized` (input_ids, labels only); drops are counted into `records`."""
+    """The kept rows of `tokenized` (input_ids, labels only); drops and special-token text are counted
+    into `records`."""
     if tokenized is None:
         return None, 0
     # Whole columns through Arrow: `dataset[column]` would convert row by row.
-    table = tokenized.select_columns(["status", "line", "truncated"]).with_format("arrow")[:]
+    table = tokenized.select_columns(["status", "line", "truncated", "special_text"]).with_format("arrow")[:]
     statuses = table.column("status").to_pylist()
     kept = [row for row, status in enumerate(statuses) if not status]
-    lines = table.column("line").to_pylist() if len(kept) < len(statuses) else []
+    lines = table.column("line").to_pylist()
     for row, status in enumerate(statuses):
         if not status:
             continue
@@ -212,6 +347,12 @@ def keep_usable(tokenized, records: Records, on_bad_record: str):
         if reason == "invalid_record" and on_bad_record == "error":
             raise DataError(f"{records.path}:{line}: {message}. {_SKIP_HINT}")
         records.drop(line, reason, message)
+    special = table.column("special_text").to_pylist()
+    with_special = [row for row in kept if special[row]]
+    records.num_special_text += len(with_special)
+    if with_special and not records.special_text_example:
+        row = with_special[0]
+        records.special_text_example = f"{records.path}:{lines[row]}: {special[row]}"
     truncated = table.column("truncated").to_pylist()
     num_truncated = sum(truncated[row] for row in kept)
     return tokenized.select(kept).select_columns(["input_ids", "labels"]), num_truncated

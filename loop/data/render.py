@@ -88,6 +88,15 @@ def has_generation_markers(template: str) -> bool:
     return bool(_GENERATION_MARKER.search(template))
 
 
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the text of any special token (None if the tokenizer has none)."""
+    specials = {*tokenizer.all_special_tokens,
+                *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+    # Longest first, so a token that contains another (e.g. "</s>" in "</s></s>") wins.
+    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True) if s)
+    return re.compile(pattern) if pattern else None
+
+
 class Renderer:
     """Renders many conversations with one tokenizer; built once per batch (it compiles a regex)."""
 
@@ -98,11 +107,7 @@ class Renderer:
         self.train_on = train_on
         self.template = chat_template_of(tokenizer)
         self.uses_markers = has_generation_markers(self.template)
-        specials = {*tokenizer.all_special_tokens,
-                    *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
-        # Longest first, so a token that contains another (e.g. "</s>" in "</s></s>") wins.
-        pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True) if s)
-        self._special = re.compile(pattern) if pattern else None
+        self._special = special_token_pattern(tokenizer)
 
     def render_conversations(self, conversations: Sequence[list[dict]]) -> list[Example | Exception]:
         """One `(input_ids, labels)` per conversation, or the exception that conversation raised.

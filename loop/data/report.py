@@ -18,6 +18,7 @@ from loop.data.render import IGNORE_INDEX
 DROP_REASONS = {
     "invalid_json": "line is not valid JSON",
     "invalid_record": "record does not fit the profile",
+    "too_large": "line too long to read",
     "too_long": "longer than data.max_length (too_long = \"drop\")",
     "no_trained_tokens": "no tokens left to train on",
 }
@@ -50,6 +51,11 @@ class DataReport:
     packing: bool = False
     problems: list[str] = field(default_factory=list)
     """The first dropped or skipped records as "file:line: what is wrong"."""
+    num_special_text: int = 0
+    """Kept examples whose text holds a special token's text (e.g. a literal "<|im_end|>" in a reply):
+    the tokenizer reads it as that token, which changes the conversation's structure."""
+    special_text_example: str = ""
+    """One of them as "file:line: where"."""
     sample: dict[str, list[int]] | None = None
     """The first training example (unpacked), for `render_example`."""
 
@@ -67,6 +73,14 @@ class DataReport:
         if not self.packing or not self.num_train_sequences:
             return None
         return self.num_tokens / (self.num_train_sequences * self.max_length)
+
+    def warnings(self) -> list[str]:
+        """What in the kept data will likely train something unintended."""
+        if not self.num_special_text:
+            return []
+        return [f"{self.num_special_text} example(s) hold the text of a special token, e.g. "
+                f"{self.special_text_example}. The tokenizer turns such text into the special token itself, "
+                "so the model sees a turn end or begin where the data has plain text; remove or rewrite it."]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -94,6 +108,7 @@ class DataReport:
         if self.packing:
             lines.append(f"packing: {self.num_train_examples} examples in {self.num_train_sequences} sequences, "
                          f"{self.packing_efficiency:.1%} of positions filled")
+        lines += [f"warning: {warning}" for warning in self.warnings()]
         if self.problems:
             more = self.num_dropped - len(self.problems)
             lines.append("dropped or skipped records" + (f" (first {len(self.problems)}):" if more > 0 else ":"))
