@@ -83,6 +83,11 @@ def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[s
     launch_cfg = config.launch
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
+    if config.source:
+        # The launched ranks read a resolved copy of the job from a temporary folder; a custom profile
+        # next to the original job file must still import, exactly as with one process.
+        job_folder = str(Path(config.source).resolve().parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (job_folder, env.get("PYTHONPATH", "")) if p)
     config_file = launch_cfg.accelerate_config
     if config_file:
         command += ["--config_file", config_file]

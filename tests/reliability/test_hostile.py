@@ -250,6 +250,23 @@ def test_rerunning_a_finished_job_changes_nothing(tmp_path, tiny_model_dir, caps
     assert snapshot(output) == before
 
 
+# --- 13. a custom profile next to the job file, with two processes ---------------------------------
+
+@pytest.mark.slow
+def test_a_profile_next_to_the_job_file_is_found_with_two_processes(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "my_profiles.py").write_text(
+        "from profiles import ChatProfile\n\n"
+        "class Shouting(ChatProfile):\n"
+        "    def messages(self, example, index):\n"
+        "        return [{**m, 'content': m['content'].upper()} for m in super().messages(example, index)]\n")
+    job = small_job(tmp_path, tiny_model_dir, **{"profile.name": "my_profiles:Shouting",
+                                                  "launch.num_processes": 2, "hyperparams.max_steps": 2})
+    code, text = run_cli(["run", job], capsys)
+    assert code == 0, text[-3000:]
+    result = read_json_if_present(tmp_path / "out" / "result.json")
+    assert result["success"] and result["summary"]["world_size"] == 2
+
+
 # --- signals ---------------------------------------------------------------------------------------
 
 def _start(job: Path) -> subprocess.Popen:
