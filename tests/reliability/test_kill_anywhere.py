@@ -10,6 +10,8 @@ moment comes from a seeded RNG in one of four ways:
     random      a delay drawn over the whole life of the process (start-up, training, final save)
     steps       right after a randomly drawn optimizer step (read from status.json)
     checkpoint  the moment `checkpoints/.tmp-step_*` of this process exists (inside a checkpoint save)
+    startup     a delay drawn over the start-up, before the first status: loading, and when a complete
+                checkpoint exists, restoring it (a kill during a resume)
     final       the moment `.tmp-final` of this process exists (inside the final save)
 
 After every kill: `result.json` and `status.json` parse when present, `metrics.jsonl` parses with the
@@ -55,10 +57,10 @@ from .reliability_helpers import (
 TOTAL_STEPS = 50          # not a multiple of SAVE_STEPS: a kill in the final save redoes steps 49-50
 SAVE_STEPS = 3
 SAVE_TOTAL_LIMIT = 2
-SHORT_CHAINS = [["checkpoint", "random", "steps", "checkpoint", "final"]]
+SHORT_CHAINS = [["startup", "checkpoint", "random", "startup", "steps", "checkpoint", "final"]]
 LONG_TRIALS = int(os.environ.get("RELIABILITY_LONG_TRIALS", "40"))  # kills in the long form
 LONG_CHAIN = 5                                                       # kills per chain (then one full run)
-MODES = ("random", "steps", "checkpoint", "final")
+MODES = ("random", "steps", "checkpoint", "startup", "final")
 RESUMING = re.compile(r"resuming from (\S+) at step (\d+)")
 INVOCATION_TIMEOUT = 300
 
@@ -77,7 +79,7 @@ def chains_for(long_form: bool, rng: random.Random) -> list[list[str]]:
         size = min(LONG_CHAIN, remaining)
         # "final" only comes last: after it there is nothing left to interrupt but the final save.
         # Every other chain ends with it, so the long form surely kills inside the final save.
-        modes = [rng.choices(MODES[:3], weights=(4, 3, 3))[0] for _ in range(size - 1)]
+        modes = [rng.choices(MODES[:4], weights=(4, 3, 3, 2))[0] for _ in range(size - 1)]
         modes.append("final" if len(chains) % 2 == 0 else rng.choices(MODES, weights=(3, 2, 2, 3))[0])
         chains.append(modes)
         remaining -= size
@@ -114,7 +116,7 @@ class Stats:
 class Timing:
     """Running estimates for drawing `random` kill moments over a process's life."""
 
-    startup: float = 10.0
+    startup: float = 4.0
     per_step: float = 0.08
     tail: float = 3.0
 
@@ -189,7 +191,7 @@ class Invocation:
             return "checkpoint_save"
         status = self.status()
         if status is None:
-            return "startup"
+            return "resume" if self.expected is not None else "startup"
         if status.get("status") == "completed" or self._is_ours(self.output / "final"):
             return "after_training"
         return "training"
@@ -292,6 +294,10 @@ def test_kill_anywhere_then_rerun_ends_with_the_uninterrupted_weights(tmp_path, 
                     target = rng.randint(resume_step + 1, TOTAL_STEPS)
                     invocation.wait_until(lambda: invocation.reached_step(target), INVOCATION_TIMEOUT)
                     time.sleep(rng.uniform(0.0, timing.per_step))
+                elif mode == "startup":
+                    delay = rng.uniform(0.0, 0.5 * timing.startup)  # surely before the first step
+                    invocation.wait_until(lambda: time.time() - invocation.started >= delay
+                                          or invocation.status() is not None, INVOCATION_TIMEOUT, interval=0.005)
                 elif mode == "checkpoint":
                     # Let the run pass a random number of steps first, so kills hit different saves.
                     target = rng.randint(resume_step, max(resume_step, TOTAL_STEPS - SAVE_STEPS))
@@ -319,6 +325,8 @@ def test_kill_anywhere_then_rerun_ends_with_the_uninterrupted_weights(tmp_path, 
             stats.chains += 1
         assert stats.landed["checkpoint_save"] >= 1, f"no kill landed inside a checkpoint save: {stats.to_dict()}"
         assert stats.landed["final_save"] >= 1, f"no kill landed inside the final save: {stats.to_dict()}"
+        assert stats.landed["startup"] >= 1, f"no kill landed during start-up: {stats.to_dict()}"
+        assert stats.landed["resume"] >= 1, f"no kill landed during a resume: {stats.to_dict()}"
         stats.passed = True
     finally:
         if invocation is not None and invocation.process.poll() is None:  # a check failed mid-run
