@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "no CUDA GPU: installing the CPU torch wheel first"; \
 		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed>=0.16"
 	touch $@
 

@@ -146,21 +146,14 @@ def measure(spec: dict, what: str) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.config import config_from_dict
     from loop.model import build_model, count_parameters
+    from tests.helpers import job_config, random_batch
 
     if what == "memory":
         return_free_heap(fix_threshold=True)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    raw = {"model": {"model_path": spec["model_dir"]}, "data": {"dataset_path": "unused.jsonl"},
-           "output": {"output_dir": "unused"}, "hyperparams": {"fp_precision": "fp32"}}
-    for dotted, value in spec["settings"].items():
-        section, key = dotted.split(".")
-        raw.setdefault(section, {})[key] = value
-    config = config_from_dict(raw, check_environment=False)
-    torch.manual_seed(0)
-    ids = torch.randint(0, len(tokenizer), (1, spec["length"]))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    config = job_config(spec["model_dir"], "unused", **spec["settings"])
+    batch = random_batch(len(tokenizer), rows=1, length=spec["length"])
     gc.collect()
     return_free_heap()
     baseline = rss_bytes()

@@ -1,10 +1,11 @@
 """How fast is data preparation, cold and from the cache, against a bare chat-template loop?
 
-    python bench/bench_preprocess.py                  # 100k synthetic chat records
+    python bench/bench_preprocess.py                  # 100k chat records
     python bench/bench_preprocess.py --records 20000 --template chatml
 
 Everything happens in a temporary folder: a tiny ChatML tokenizer (launcher.demo), a JSONL file of
-synthetic one- and two-turn conversations, and fresh data caches. It prints a markdown table:
+the tests' chat records (`tests.helpers.chat_records`: one- and two-turn, some with a system
+prompt), and fresh data caches. It prints a markdown table:
 
 - floor: a bare loop of `tokenizer.apply_chat_template(messages, tokenize=True)` over the parsed
   records (no masks, no JSON, no cache); the least any preparation can cost;
@@ -17,37 +18,14 @@ Targets: cold (num_proc 1) within 1.5x of the floor; a cache hit under 5% of col
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-WORDS = ("the quick brown fox jumps over a lazy dog while python lists reverse and gradient descent moves "
-         "weights toward lower loss in small steps the capital of france is paris photosynthesis turns light "
-         "into sugar thank you could you clarify what you mean here is an example").split()
-
-
-def synthetic_records(count: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-
-    def sentence(low: int, high: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
-
-    records = []
-    for _ in range(count):
-        messages = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
-        for _ in range(rng.choice((1, 1, 2))):
-            messages += [{"role": "user", "content": sentence(4, 12)},
-                         {"role": "assistant", "content": sentence(6, 24)}]
-        records.append({"messages": messages})
-    return records
-
 
 def timed(function) -> tuple[float, object]:
     start = time.perf_counter()
@@ -57,7 +35,7 @@ def timed(function) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=int, default=100_000, help="synthetic records (default 100000)")
+    parser.add_argument("--records", type=int, default=100_000, help="chat records (default 100000)")
     parser.add_argument("--template", choices=("plain", "chatml"), default="plain",
                         help="plain: ChatML without {%% generation %%} markers (masks by prefix rendering); "
                              "chatml: data.chat_template = \"chatml\" (markers, exact assistant mask)")
@@ -70,21 +48,20 @@ def main() -> None:
     from launcher.config import load_config
     from launcher.demo import build_tiny_model
     from loop.data import build_datasets, load_tokenizer
+    from tests.helpers import chat_records, write_job, write_jsonl
 
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as folder:
         folder = Path(folder)
         build_tiny_model(folder / "model")
-        records = synthetic_records(args.records)
-        with open(folder / "train.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in records)
+        records = chat_records(args.records)
+        write_jsonl(folder / "train.jsonl", records)
 
         def config(num_proc: int, cache: str):
-            job = folder / f"job-{cache}.toml"
-            template = 'chat_template = "chatml"\n' if args.template == "chatml" else ""
-            job.write_text(f'[model]\nmodel_path = "model"\n[data]\ndataset_path = "train.jsonl"\n'
-                           f'cache_dir = "{cache}"\nnum_proc = {num_proc}\nmax_length = 1024\n{template}'
-                           '[output]\noutput_dir = "out"\n')
+            job = write_job(folder / f"job-{cache}", folder / "model", **{
+                "data.dataset_path": str(folder / "train.jsonl"), "data.cache_dir": str(folder / cache),
+                "data.num_proc": num_proc, "data.max_length": 1024,
+                "data.chat_template": "chatml" if args.template == "chatml" else None})
             return load_config(job)
 
         tokenizer = load_tokenizer(config(1, "cache-1"))

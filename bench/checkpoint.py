@@ -2,25 +2,24 @@
 
     python -m bench.checkpoint [--quick]
 
-In this process: `loop.train.setup` and `fit` on the steady job of benchmark 1 for 2 steps (so
-AdamW has its state), then, alternating in rounds, our `Checkpointer.save` (Accelerate's
-`save_state` into a temporary folder, progress.json, the COMPLETE marker, fsyncs, the rename,
-retention) against the least a resumable save needs, written the plain way: `torch.save` of the
-model's and the optimizer's state dicts into a fresh folder. Size is the folder's bytes on disk
-after the save; parameter bytes are the model's unique parameters times their element size.
-Figures: median of the per-round time ratio ours / plain, and our checkpoint's bytes over the
-parameter bytes (AdamW's two moments make about 3x the floor in fp32).
+In this process: `loop.train.train` on the steady job of benchmark 1 for 2 steps (so AdamW has its
+state); at the end of step 2, in the loop's `on_step(run)` hook, alternating in rounds, our
+`Checkpointer.save` (Accelerate's `save_state` into a temporary folder, progress.json, the COMPLETE
+marker, fsyncs, the rename, retention) against the least a resumable save needs, written the plain
+way: `torch.save` of the model's and the optimizer's state dicts into a fresh folder. Size is the
+folder's bytes on disk after the save; parameter bytes are the model's unique parameters times their
+element size. Figures: median of the per-round time ratio ours / plain, and our checkpoint's bytes
+over the parameter bytes (AdamW's two moments make about 3x the floor in fp32).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import time
 from pathlib import Path
 
-from bench.common import (Row, alternate, load_job, log, main_for, median, spread, steady_job, verdict, workspace)
+from bench.common import Row, alternate, log, main_for, median, spread, steady_job, train_in_process, verdict, workspace
 
 NAME = "checkpoint"
 
@@ -32,26 +31,17 @@ def folder_bytes(path: Path) -> int:
 def run(quick: bool = False) -> list[Row]:
     import torch
 
-    from loop.preemption import StopFlag
-    from loop.run_dir import RunDir
-    from loop.train import build_accelerator, fit, setup
-
     rounds = 2 if quick else 5
     folder = workspace() / NAME
     job = steady_job(folder)
-    config = load_job(job, **{"hyperparams.max_steps": 2, "output.output_dir": str(folder / "out")})
     log(f"{NAME}: 2 training steps, then {rounds} rounds of saves")
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    accelerator = build_accelerator(config)
-    run_dir = RunDir(config.output_path, is_main=accelerator.is_main_process)
-    try:
-        run_ = setup(config, accelerator, run_dir, None, time.time())
-        with StopFlag() as stop:
-            fit(run_, stop)
-        model = accelerator.unwrap_model(run_.model)
+    measured: dict = {}
+
+    def measure_saves(run_) -> None:
+        if run_.progress.step != 2:
+            return
+        model = run_.accelerator.unwrap_model(run_.model)
         unique = {p.data_ptr(): p for p in model.parameters()}.values()
-        param_bytes = sum(p.numel() * p.element_size() for p in unique)
         sizes: dict[str, list[int]] = {"ours": [], "plain": []}
 
         def ours(round_index: int) -> float:
@@ -73,15 +63,12 @@ def run(quick: bool = False) -> list[Row]:
             shutil.rmtree(path)
             return seconds
 
-        seconds = alternate(rounds, {"ours": ours, "plain": plain}, label=NAME)
-        files = {f.name: f.stat().st_size for f in run_.checkpointer.last_path.iterdir()}
-    finally:
-        run_dir.close()
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        root.setLevel(level)
+        measured.update(seconds=alternate(rounds, {"ours": ours, "plain": plain}, label=NAME), sizes=sizes,
+                        param_bytes=sum(p.numel() * p.element_size() for p in unique),
+                        files={f.name: f.stat().st_size for f in run_.checkpointer.last_path.iterdir()})
+
+    train_in_process(job, folder / "out", on_step=measure_saves, **{"hyperparams.max_steps": 2})
+    seconds, sizes, param_bytes, files = (measured[key] for key in ("seconds", "sizes", "param_bytes", "files"))
     ratios = [o / p for o, p in zip(seconds["ours"], seconds["plain"])]
     size_ratio = median(sizes["ours"]) / param_bytes
     mb = 1024 * 1024

@@ -1,6 +1,8 @@
 """What every benchmark shares: the bench model and data, job files, subprocesses, and robust statistics.
 
-    from bench.common import Row, alternate, bench_model, dataset_file, train_interleaved, workspace, write_job
+    from bench.common import Row, alternate, bench_job, bench_model, dataset_file, train_interleaved, workspace
+
+Job files, JSONL and metrics go through tests/helpers.py, the same helpers the tests use.
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained on generated text, the
 model a Qwen3-shaped causal LM with random weights, the data synthetic chat records.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.config import toml_value
+from tests.helpers import launcher_command, read_metrics, subprocess_env, write_job, write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -47,13 +49,7 @@ VOCAB_SIZE = 2048
 def configure_process(threads: int | None = THREADS) -> None:
     """No hub, quiet libraries and `threads` torch threads (None: torch's default), for this process
     and every process it starts."""
-    if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        os.environ["MKL_NUM_THREADS"] = str(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    os.environ.update(subprocess_env(threads, TRANSFORMERS_NO_ADVISORY_WARNINGS="1"))
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     # Subprocesses run `-m launcher` and `-m bench...` from the repository root.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -178,13 +174,13 @@ def run_command(command: list[str], log_path: Path, *, timeout: float = 600, cwd
     return started, seconds, code
 
 
-def launcher_command(job: Path, *overrides: str, accelerate: bool = False) -> list[str]:
+def run_command_of(job: Path, *overrides: str, accelerate: bool = False) -> list[str]:
     """`python -m launcher run JOB` (or through `accelerate launch` on one process) with --set overrides."""
-    sets = [item for override in overrides for item in ("--set", override)]
-    if accelerate:
+    command = launcher_command("run", job, *[item for override in overrides for item in ("--set", override)])
+    if accelerate:  # `-m launcher ...` after accelerate's own arguments
         return [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "launcher", "run", str(job), *sets]
-    return [PYTHON, "-m", "launcher", "run", str(job), *sets]
+                "--mixed_precision", "no", "--dynamo_backend", "no", *command[1:]]
+    return command
 
 
 def first_record_time(output_dir: Path) -> float:
@@ -192,13 +188,6 @@ def first_record_time(output_dir: Path) -> float:
     records = read_metrics(output_dir)
     assert len(records) == 1, f"expected one metrics record in {output_dir}, found {len(records)}"
     return (output_dir / "metrics.jsonl").stat().st_mtime
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
 # --- machine -------------------------------------------------------------------------------------
@@ -319,8 +308,8 @@ def tokens_per_word(model_dir: Path) -> float:
     return len(tokenizer(text)["input_ids"]) / 3000
 
 
-def chat_records(count: int, model_dir: Path, *, lengths: str = "uniform", low: int = 16, high: int = 1024,
-                 seed: int = 0) -> list[dict]:
+def sized_chat_records(count: int, model_dir: Path, *, lengths: str = "uniform", low: int = 16, high: int = 1024,
+                       seed: int = 0) -> list[dict]:
     """`count` one-turn chat records whose rendered length in tokens follows `lengths`:
 
     - "uniform": between `low` and `high`;
@@ -345,12 +334,6 @@ def chat_records(count: int, model_dir: Path, *, lengths: str = "uniform", low: 
     return records
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 # The settings every benchmark job shares: fp32 (bf16 autocast is 1.5x slower on CPU), no eval,
 # no step checkpoints, the default logging interval.
 BASE_JOB = {
@@ -362,23 +345,13 @@ BASE_JOB = {
 }
 
 
-def write_job(folder: Path, model_dir: Path, dataset: Path, **overrides: Any) -> Path:
-    """`folder/job.toml` for the bench model on `dataset`, output in `folder/out`; dotted-key overrides.
+def bench_job(folder: Path, model_dir: Path, dataset: Path, **overrides: Any) -> Path:
+    """`folder/job.toml` (`tests.helpers.write_job`) for `model_dir` on `dataset` with `BASE_JOB` and dotted overrides.
 
     The data cache is shared by the whole workspace, so jobs on the same data tokenize it once.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    values = {"model.model_path": str(model_dir), "data.dataset_path": str(dataset),
-              "data.cache_dir": str(workspace() / "data-cache"), "output.output_dir": str(folder / "out"),
-              **BASE_JOB, **overrides}
-    sections: dict[str, list[str]] = {}
-    for dotted, value in values.items():
-        section, key = dotted.split(".", 1)
-        sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
-    path = folder / "job.toml"
-    path.write_text("\n".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items()),
-                    encoding="utf-8")
-    return path
+    return write_job(folder, model_dir, **{"data.dataset_path": str(dataset),
+                                           "data.cache_dir": str(workspace() / "data-cache"), **BASE_JOB, **overrides})
 
 
 def load_job(path: Path, **overrides: Any):
@@ -396,14 +369,26 @@ def prepared_data(job: Path):
     return build_datasets(config, tokenizer), tokenizer
 
 
-def train_in_process(job: Path, output_dir: Path, *, status_writer: Callable | None = None, clear: bool = True,
-                     **overrides: Any):
+def our_loader(job: Path):
+    """The training data loader our loop builds for `job` (same sampler, seed and collator), set to epoch 0."""
+    from loop.data import build_dataloader
+
+    config = load_job(job)
+    data, tokenizer = prepared_data(job)
+    loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
+                              batch_size=config.hyperparams.batch_size)
+    loader.sampler.set_epoch(0)
+    return loader
+
+
+def train_in_process(job: Path, output_dir: Path, *, status_writer: Callable | None = None,
+                     on_step: Callable | None = None, clear: bool = True, **overrides: Any):
     """`loop.train.train` on `job` with `output_dir` and dotted overrides; the result.
 
     `output_dir` is emptied first unless `clear` is false (e.g. to resume from a checkpoint put
-    there). `status_writer` is the loop's public hook: called with the status fields at every update.
-    Removes the log-file handler `train` adds to the root logger, so runs in one process do not
-    write into each other's train.log.
+    there). `status_writer` and `on_step` are the loop's hooks for tools: `status_writer(fields)` at
+    every status update, `on_step(run)` after every optimizer step. Removes the log-file handler
+    `train` adds to the root logger, so runs in one process do not write into each other's train.log.
     """
     from loop.train import train
 
@@ -414,7 +399,7 @@ def train_in_process(job: Path, output_dir: Path, *, status_writer: Callable | N
     before = list(root.handlers)
     level = root.level
     try:
-        result = train(config, status_writer=status_writer)
+        result = train(config, status_writer=status_writer, on_step=on_step)
     finally:
         for handler in root.handlers[:]:
             if handler not in before:
@@ -426,22 +411,9 @@ def train_in_process(job: Path, output_dir: Path, *, status_writer: Callable | N
     return result
 
 
-class SteppedScheduler:
-    """Our loop's scheduler, unchanged, with `on_step()` called after each of its steps."""
-
-    def __init__(self, inner, on_step):
-        self.inner, self.on_step = inner, on_step
-
-    def step(self, *args, **kwargs):
-        self.inner.step(*args, **kwargs)
-        self.on_step()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 class Interleaver:
-    """Runs one step of each other loop after each of ours; records (ours, *others) seconds per step.
+    """The loop's `on_step` hook: one step of each other loop after each of ours; records (ours, *others)
+    seconds per step.
 
     An other loop is anything with `steps(count) -> seconds`.
     """
@@ -452,8 +424,9 @@ class Interleaver:
         self.left: float | None = None
         self.steps: list[tuple[float, ...]] = []
 
-    def __call__(self) -> None:
+    def __call__(self, run) -> None:
         entered = time.perf_counter()
+        self.optimizer = run.optimizer  # for the report: which AdamW our loop built
         bare = [loop.steps(1) for loop in self.bare_loops]
         if self.left is not None:  # our first step also holds the time since start-up
             self.steps.append((entered - self.left, *bare))
@@ -469,25 +442,12 @@ class Interleaver:
 def train_interleaved(job: Path, output_dir: Path, others: list, **overrides: Any) -> "Interleaver":
     """`train_in_process`, with one step of each of `others` after each of our optimizer steps.
 
-    The hook is the scheduler our loop builds, wrapped (`loop.train.build_scheduler` is patched in
-    this process for the duration of the run): its `step()` is called once per optimizer step,
-    right after `optimizer.step()`. Returns the `Interleaver` holding the per-step times (and, as
+    The hook is the loop's `on_step(run)`, called at the end of every optimizer step (after its
+    logging and checkpoint check). Returns the `Interleaver` holding the per-step times (and, as
     `.optimizer`, the optimizer our loop built).
     """
-    import loop.train
-
     hook = Interleaver(others)
-    build_scheduler = loop.train.build_scheduler
-
-    def hooked(optimizer, *args, **kwargs):
-        hook.optimizer = optimizer  # for the report: which AdamW our loop built
-        return SteppedScheduler(build_scheduler(optimizer, *args, **kwargs), hook)
-
-    loop.train.build_scheduler = hooked
-    try:
-        train_in_process(job, output_dir, **overrides)
-    finally:
-        loop.train.build_scheduler = build_scheduler
+    train_in_process(job, output_dir, on_step=hook, **overrides)
     return hook
 
 
@@ -524,10 +484,10 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def dataset_file(name: str, count: int, **kwargs: Any) -> Path:
-    """`workspace/data/NAME.jsonl` of `chat_records(count, bench_model(), **kwargs)`, written once."""
+    """`workspace/data/NAME.jsonl` of `sized_chat_records(count, bench_model(), **kwargs)`, written once."""
     path = workspace() / "data" / f"{name}.jsonl"
     if not path.exists():
-        write_jsonl(path, chat_records(count, bench_model(), **kwargs))
+        write_jsonl(path, sized_chat_records(count, bench_model(), **kwargs))
     return path
 
 
@@ -543,4 +503,4 @@ STEADY_JOB = {
 
 def steady_job(folder: Path, **overrides: Any) -> Path:
     data = dataset_file("steady", 800, lengths="uniform", low=32, high=200)
-    return write_job(folder, bench_model(), data, **{**STEADY_JOB, **overrides})
+    return bench_job(folder, bench_model(), data, **{**STEADY_JOB, **overrides})

@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench.common import (PYTHON, REPO_ROOT, THREADS, chat_records, configure_process, launcher_command,
-                              prepared_data, read_metrics, run_command, workspace, write_job, write_jsonl)
+    from bench.common import (PYTHON, REPO_ROOT, THREADS, bench_job, configure_process, prepared_data, run_command,
+                              run_command_of, sized_chat_records, workspace)
+    from tests.helpers import read_metrics, write_jsonl
 
     on_gpu = torch.cuda.is_available() and not args.cpu_smoke
     if not on_gpu and not args.cpu_smoke:
@@ -234,15 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"building the model from its config ({settings.hidden_size} hidden, {settings.num_layers} layers)")
     num_params = build_model(model_dir, settings, on_gpu)
     log(f"{num_params / 1e6:.1f}M parameters; writing {settings.num_records} chat records")
-    data = write_jsonl(folder / "train.jsonl", chat_records(settings.num_records, model_dir, lengths="lognormal",
-                                                            low=16, high=settings.seq_len))
+    data = write_jsonl(folder / "train.jsonl", sized_chat_records(settings.num_records, model_dir, lengths="lognormal",
+                                                                  low=16, high=settings.seq_len))
     dense = {
         "model.attn_implementation": attention, "data.packing": True, "data.max_length": settings.seq_len,
         "hyperparams.batch_size": settings.batch_size, "hyperparams.gradient_accumulation": settings.accumulation,
         "hyperparams.fp_precision": "bf16", "hyperparams.learning_rate": 1e-5, "hyperparams.warmup_steps": 0,
         "hyperparams.max_steps": settings.max_steps, "environment.logging_steps": settings.logging_steps,
     }
-    job = write_job(folder / "dense", model_dir, data, **dense)
+    job = bench_job(folder / "dense", model_dir, data, **dense)
     prepared, _ = prepared_data(job)
     log(f"data: {prepared.report.num_train_sequences} packed rows of up to {settings.seq_len} tokens")
     results: dict = {"device": device_name, "attention": attention, "peak_tflops": peak, "peak_source": peak_source,
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             return results["runs"][name]
         output = folder / name / "out"
         log(f"{name}: python -m launcher run")
-        _, seconds, code = run_command(launcher_command(job_path, f"output.output_dir={output}", *overrides),
+        _, seconds, code = run_command(run_command_of(job_path, f"output.output_dir={output}", *overrides),
                                        folder / f"{name}.log", timeout=time_left(settings.timeout_s), check=False)
         result = read_result(output)
         tokens_per_sec, step_s = steady_tokens_per_sec(read_metrics(output))
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu and importlib.util.find_spec("bitsandbytes") is None:
             results["runs"]["ours QLoRA"] = {"success": False, "error": "bitsandbytes is not installed"}
         else:
-            qlora_job = write_job(folder / "qlora", model_dir, data, **{
+            qlora_job = bench_job(folder / "qlora", model_dir, data, **{
                 **dense, "model.load_in_4bit": True, "lora.enabled": True, "lora.r": 16,
                 "hyperparams.max_steps": settings.smoke_steps, "hyperparams.learning_rate": 1e-4,
                 "environment.logging_steps": 1})
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         config_file = folder / "zero2.yaml"
         config_file.write_text(ZERO2_YAML)
         zero_steps = max(settings.smoke_steps, 2 * settings.logging_steps)
-        zero_job = write_job(folder / "zero2", model_dir, data, **{
+        zero_job = bench_job(folder / "zero2", model_dir, data, **{
             **dense, "launch.accelerate_config": str(config_file), "hyperparams.max_steps": zero_steps})
         ours("ours ZeRO-2", zero_job)
 

@@ -17,14 +17,13 @@ How it is measured, and why this way:
   very same batches (the first micro-batches of our own data loader: same sampler, seed and
   collator, collected before timing).
 - They alternate step by step. The shared machine's speed drifts by +/-12% over seconds to
-  minutes, so alternating whole runs would need many rounds to resolve 5%. Instead the bench wraps
-  the scheduler our loop builds (`loop.train.build_scheduler`, patched in this process only) so
-  that right after each of our optimizer steps the bare loops do the same step; the time spent
-  there is taken out of ours. Our step k is the time from leaving the hook after step k-1 to
-  entering it after step k: data, forward/backward, clip, step, and the logging and checkpoint
-  check of step k-1. Steps are summed in windows of 10 (each holding one logging event); the
-  first window (warm-up) is left out. The figure is the median of the per-window ratios ours /
-  bare, with their min-max.
+  minutes, so alternating whole runs would need many rounds to resolve 5%. Instead the loop's
+  `on_step` hook (`train(config, on_step=...)`, called at the end of every optimizer step) makes the
+  bare loops do the same step right after each of ours; the time spent there is taken out of ours.
+  Our step k is the time from leaving the hook after step k-1 to entering it after step k: data,
+  forward/backward, clip, step, and the logging and checkpoint check of step k. Steps are summed
+  in windows of 10 (each holding one logging event); the first window (warm-up) is left out. The
+  figure is the median of the per-window ratios ours / bare, with their min-max.
 - A second bare loop runs in the same hook, identical except that its loss is our
   `loop.train.summed_token_loss` divided by the step's supervised-token count (the loss our loop
   optimises) instead of `model(**batch).loss`. Ours against it isolates the loop machinery
@@ -37,7 +36,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.common import (Row, adamw_kind, bench_model, load_job, log, main_for, median, prepared_data, spread,
+from bench.common import (Row, adamw_kind, bench_model, load_job, log, main_for, median, our_loader, spread,
                           steady_job, train_interleaved, verdict, workspace)
 
 NAME = "overhead"
@@ -90,16 +89,9 @@ class BareLoop:
 
 def our_batches(job: Path, num_steps: int) -> list[list[dict]]:
     """The micro-batches our loop sees in its first `num_steps` steps, grouped per step."""
-    from loop.data import build_dataloader
-
-    config = load_job(job)
-    data, tokenizer = prepared_data(job)
-    loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
-                              batch_size=config.hyperparams.batch_size)
-    loader.sampler.set_epoch(0)
-    accumulation = config.hyperparams.gradient_accumulation
+    accumulation = load_job(job).hyperparams.gradient_accumulation
     micro = []
-    for batch in loader:
+    for batch in our_loader(job):
         micro.append(batch)
         if len(micro) == num_steps * accumulation:
             break

@@ -3,8 +3,9 @@
     python -m bench.resume [--quick]
 
 Setup (in this process, not timed): the bench model on 200 short chat records, 1 example per
-micro-batch padded to 128 tokens (so every step computes the same), so the epoch has 200 batches. One run saves a checkpoint at step 10 (early: 10 batches
-into the epoch); another saves one at step 190 (late: 190 batches in, near the epoch's end).
+micro-batch padded to 128 tokens (so every step computes the same), so the epoch has 200 batches.
+One run saves a checkpoint at step 10 (early: 10 batches into the epoch); another saves one at
+step 190 (late: 190 batches in, near the epoch's end).
 
 Timed two ways, each alternating early and late in rounds (rotating the order):
 
@@ -35,9 +36,11 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import (Row, alternate, bench_model, dataset_file, first_record_time, launcher_command, load_job,
-                          log, main_for, median, prepared_data, read_metrics, run_command, spread, train_in_process,
-                          verdict, workspace, write_job)
+from bench.common import (Row, alternate, bench_job, bench_model, dataset_file, first_record_time, load_job, log,
+                          main_for, median, prepared_data, run_command, run_command_of, spread, train_in_process,
+                          verdict, workspace)
+from loop.run_dir import MARKER
+from tests.helpers import read_metrics
 
 NAME = "resume"
 EARLY, LATE, NUM_EXAMPLES = 10, 190, 200
@@ -84,24 +87,27 @@ def run(quick: bool = False) -> list[Row]:
     data = dataset_file(f"resume-{num_examples}", num_examples, lengths="uniform", low=16, high=64)
     # Every batch padded to 128 tokens, so the first step after resuming costs the same whichever
     # example it holds (unpadded, the example at batch 190 vs 10 made a 10% difference of its own).
-    job = write_job(folder, bench_model(), data, **{"hyperparams.batch_size": 1, "data.max_length": 128,
+    job = bench_job(folder, bench_model(), data, **{"hyperparams.batch_size": 1, "data.max_length": 128,
                                                     "data.pad_to_multiple_of": 128})
     log(f"{NAME}: training to make checkpoints at steps {early} and {late}")
     checkpoints = make_checkpoints(folder, job, {"early": early, "late": late})
 
     steps = {"fresh": 0, "early": early, "late": late}
 
-    def prepare(name: str, output: Path) -> list[str]:
-        """Put a copy of the checkpoint (if any) in `output`; the overrides that resume from it."""
+    def prepare(name: str, output: Path) -> dict:
+        """Put a copy of the checkpoint (if any) and its run's marker in `output` (without the marker the
+        folder is not a run of ours, and `train` refuses to write into it); the overrides that resume
+        from it for one step (a changed max_steps and save_steps, which resuming allows when asked)."""
         if name != "fresh":
             shutil.copytree(checkpoints[name], output / "checkpoints" / checkpoints[name].name)
-        return [f"hyperparams.max_steps={steps[name] + 1}", "environment.logging_steps=1"]
+            shutil.copy(checkpoints[name].parent.parent / MARKER, output / MARKER)
+        return {"hyperparams.max_steps": steps[name] + 1, "environment.logging_steps": 1,
+                "output.resume_changes": "allow"}
 
     def warm(name: str):
         def measure(round_index: int) -> float:
             output = folder / f"warm-{name}-{round_index}"
-            overrides = dict(item.split("=") for item in prepare(name, output))
-            result = train_in_process(job, output, clear=False, **{k: int(v) for k, v in overrides.items()})
+            result = train_in_process(job, output, clear=False, **prepare(name, output))
             assert name == "fresh" or result.summary.get("resumed_from"), f"{output} did not resume"
             return read_metrics(output)[0]["elapsed_sec"]
         return measure
@@ -109,8 +115,8 @@ def run(quick: bool = False) -> list[Row]:
     def command(name: str):
         def measure(round_index: int) -> float:
             output = folder / f"{name}-{round_index}"
-            overrides = prepare(name, output)
-            started, _, _ = run_command(launcher_command(job, f"output.output_dir={output}", *overrides),
+            overrides = [f"{key}={value}" for key, value in prepare(name, output).items()]
+            started, _, _ = run_command(run_command_of(job, f"output.output_dir={output}", *overrides),
                                         folder / f"{name}-{round_index}.log")
             return first_record_time(output) - started
         return measure

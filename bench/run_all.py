@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 import traceback
@@ -52,8 +51,8 @@ BENCHMARKS = {
 OPTIONAL_SCRIPTS = {"memory": REPO_ROOT / "bench" / "bench_memory.py"}
 # One line per benchmark for the report; the module docstrings say it in full.
 HOW = {
-    "overhead": "our `train()` in this process; after each of its optimizer steps (a hook on the scheduler it "
-                "builds) a bare torch loop does the same step on the same batches with the same weights and AdamW; "
+    "overhead": "our `train()` in this process; after each of its optimizer steps (the loop's `on_step` "
+                "hook) a bare torch loop does the same step on the same batches with the same weights and AdamW; "
                 "steps summed in windows of 10, first window left out",
     "trainer": "per step: our `train()` and transformers' `Trainer` (in a thread, released one step at a time) "
                "interleaved step by step on the same packed rows and settings; end to end: `python -m launcher "

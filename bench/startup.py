@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 
-from bench.common import (PYTHON, REPO_ROOT, Row, alternate, bench_model, dataset_file, first_record_time,
-                          launcher_command, load_job, log, main_for, median, prepared_data, run_command, spread,
-                          workspace, write_job)
+from bench.common import (PYTHON, REPO_ROOT, Row, alternate, bench_job, bench_model, dataset_file, first_record_time,
+                          load_job, log, main_for, median, prepared_data, run_command, run_command_of, spread,
+                          workspace)
 
 NAME = "startup"
 
@@ -33,7 +33,7 @@ def run(quick: bool = False) -> list[Row]:
     rounds = 1 if quick else 2
     folder = workspace() / NAME
     data = dataset_file("startup", 64, lengths="uniform", low=32, high=200)
-    job = write_job(folder, bench_model(), data, **{"hyperparams.max_steps": 1, "environment.logging_steps": 1,
+    job = bench_job(folder, bench_model(), data, **{"hyperparams.max_steps": 1, "environment.logging_steps": 1,
                                                      "hyperparams.batch_size": 2})
     config = load_job(job)
     prepared, _ = prepared_data(job)
@@ -45,7 +45,7 @@ def run(quick: bool = False) -> list[Row]:
     def ours(accelerate: bool):
         def variant(round_index: int) -> float:
             output = folder / f"{'accelerate' if accelerate else 'launcher'}-{round_index}"
-            started, _, _ = run_command(launcher_command(job, f"output.output_dir={output}", accelerate=accelerate),
+            started, _, _ = run_command(run_command_of(job, f"output.output_dir={output}", accelerate=accelerate),
                                         folder / f"{output.name}.log")
             return first_record_time(output) - started
         return variant

@@ -16,7 +16,7 @@ not tokenization (benchmark 5 measures that).
 - time per step: in one process, step by step. Our `train` runs in the main thread; each Trainer's
   `train()` runs in a thread of its own that is only ever allowed one optimizer step at a time (a
   callback at `on_step_end` parks it on a semaphore), so no two loops compute at the same time.
-  After each of our steps (the same scheduler hook as benchmark 1) each Trainer takes one step.
+  After each of our steps (the loop's `on_step` hook, as in benchmark 1) each Trainer takes one step.
   Steps are summed in windows of 10 (each holding one logging event on every side), the first
   window left out; the figure is the median of the per-window ratios.
   Packed rows are all about 256 tokens long, so the different random orders cost the same.
@@ -38,8 +38,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import (PYTHON, REPO_ROOT, Row, adamw_kind, alternate, launcher_command, load_job, log, main_for,
-                          median, prepared_data, run_command, spread, steady_job, train_interleaved, workspace)
+from bench.common import (PYTHON, REPO_ROOT, Row, adamw_kind, alternate, load_job, log, main_for, median,
+                          prepared_data, run_command, run_command_of, spread, steady_job, train_interleaved, workspace)
 from bench.hf_trainer import build_trainer, parse_args
 
 NAME = "trainer"
@@ -138,7 +138,7 @@ def run(quick: bool = False) -> list[Row]:
 
     def ours(round_index: int) -> float:
         output = folder / f"ours-{round_index}"
-        command = launcher_command(job, f"output.output_dir={output}", f"hyperparams.max_steps={e2e_steps}")
+        command = run_command_of(job, f"output.output_dir={output}", f"hyperparams.max_steps={e2e_steps}")
         started, seconds, _ = run_command(command, folder / f"ours-{round_index}.log")
         last_step = (output / "metrics.jsonl").stat().st_mtime  # the last record, written at the last step
         phases["ours"].append((last_step - started, started + seconds - last_step))

@@ -28,8 +28,8 @@ Figures:
   run's sampler and seed (no model needed; the order is the run's); Trainer from the batches its
   collator made during the run.
 - trained tokens/s: tokens that carry loss, divided by the time of steps 2..last of the epoch
-  (step 1 holds the warm-up; start-up is never counted). Our step times come from the scheduler
-  hook of benchmark 1 (the loop unchanged; logging every 5 steps), the Trainer's from a callback at
+  (step 1 holds the warm-up; start-up is never counted). Our step times come from the loop's
+  `on_step` hook, as in benchmark 1 (logging every 5 steps), the Trainer's from a callback at
   each step end; tokens per step from the batches in order. The figure is ours / Trainer,
   alternating the four runs in rounds (rotating the order), median and min-max over rounds.
 """
@@ -39,8 +39,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.common import (Row, alternate, bench_model, dataset_file, load_job, log, main_for, median,
-                          prepared_data, spread, train_interleaved, verdict, workspace, write_job)
+from bench.common import (Row, alternate, bench_job, bench_model, dataset_file, load_job, log, main_for, median,
+                          our_loader, prepared_data, spread, train_interleaved, verdict, workspace)
 from bench.hf_trainer import CountingCollator, build_trainer, parse_args
 
 NAME = "waste"
@@ -57,15 +57,9 @@ COMMON = {"data.max_length": 1024, "hyperparams.batch_size": 4, "hyperparams.num
 
 def our_batches(job: Path) -> list[list[int]]:
     """[trained, real, computed] tokens of each micro-batch of epoch 0, in our loop's order."""
-    from loop.data import build_dataloader
-
-    config = load_job(job)
-    data, tokenizer = prepared_data(job)
-    loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
-                              batch_size=config.hyperparams.batch_size)
+    loader = our_loader(job)
     counter = CountingCollator(loader.collate_fn)
     loader.collate_fn = counter
-    loader.sampler.set_epoch(0)
     for _ in loader:
         pass
     return counter.batches
@@ -86,7 +80,7 @@ def run(quick: bool = False) -> list[Row]:
     rounds, count = (1, 32) if quick else (2, 48)
     folder = workspace() / NAME
     data = dataset_file(f"skewed-{count}", count, lengths="lognormal", low=16, high=1024)
-    jobs = {name: write_job(folder / f"job-{i}", bench_model(), data, **{**COMMON, **overrides})
+    jobs = {name: bench_job(folder / f"job-{i}", bench_model(), data, **{**COMMON, **overrides})
             for i, (name, overrides) in enumerate(VARIANTS.items())}
     log(f"{NAME}: tokenizing {count} skewed records, one pass over each of our loaders")
     batches = {name: our_batches(job) for name, job in jobs.items()}

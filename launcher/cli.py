@@ -1,4 +1,4 @@
-"""Command line: `python -m launcher {run,validate,status,report,demo,reference} ...`.
+"""Command line: `python -m launcher {run,validate,check,status,report,diff,demo,reference} ...`.
 
 Exit codes: 0 success; 1 the training ran and failed (result.json says why); 2 the job was refused
 before training (bad config, missing file, bad data); 3 the run was stopped by SIGTERM/SIGUSR1 after
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     job_command("run", "Train the job (starts `accelerate launch` itself when [launch] asks for several processes).")
     job_command("validate", "Check config, model, tokenizer, data and masks without training; print a data report.")
+    check = job_command("check", "Short proofs on the job's own model and data, in a scratch folder: masks, "
+                                 "accumulation, resume, processes, determinism. Exit 0 only if all pass.")
+    check.add_argument("--quick", action="store_true", help="masks only (no training)")
+    check.add_argument("--scratch", metavar="DIR", help="keep the proof runs in DIR (default: a temporary folder, "
+                                                     "removed afterwards); compare two of them with `diff`")
     demo = commands.add_parser("demo", help="Build the tiny offline model and train the example job on it.")
     demo.add_argument("--model-dir", default=str(REPO_ROOT / "examples" / "tiny-model"))
     demo.add_argument("--job", default=str(REPO_ROOT / "examples" / "demo_job.toml"))
@@ -57,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("output_dir", help="the run's output folder (or its job file)")
     report = commands.add_parser("report", help="Write report.md and loss.png into a run's output folder.")
     report.add_argument("output_dir", help="the run's output folder (or its job file)")
+    diff = commands.add_parser("diff", help="What differs between two runs' jobs and manifests, and where their "
+                                            "losses first differ.")
+    diff.add_argument("run_a", help="the first run's output folder (or its job file)")
+    diff.add_argument("run_b", help="the second run's output folder (or its job file)")
     return parser
 
 
@@ -72,10 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.report import main_report, main_status
 
             return (main_status if args.command == "status" else main_report)(args.output_dir)
+        if args.command == "diff":
+            from launcher.diff import main_diff
+
+            return main_diff(args.run_a, args.run_b)
         overrides = dict(parse_override(item) for item in args.overrides)
         config = load_config(args.job, overrides=overrides)
         if args.command == "validate":
             return _validate(config)
+        if args.command == "check":
+            return _check(args.job, overrides, args.quick, args.scratch)
         return _run(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -130,6 +145,14 @@ def _validate(config) -> int:
 
     print(validate_job(config))
     return EXIT_OK
+
+
+def _check(job: str, overrides: dict, quick: bool, scratch: str | None) -> int:
+    from launcher.check import check_job, format_report
+
+    report = check_job(job, overrides, quick=quick, scratch_dir=scratch, log=print)
+    print(format_report(report))
+    return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _demo(args) -> int:

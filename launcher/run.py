@@ -1,15 +1,17 @@
-"""`run_job`: run a validated job here, or start Accelerate's launcher to run it on several processes.
+"""`run_job`: run a validated job here, or start several processes to run it.
 
-Inside a distributed launch (`accelerate launch`, torchrun, or SLURM's srun) every process runs the
-loop and returns a `TrainingResult`; the main process's is complete and written to `result.json`.
-Outside one, a job that asks for more than one process (or names an Accelerate config) is handed to
-the real `accelerate launch` CLI running `-m launcher run` on the resolved job; this process waits
-and returns the result the main rank wrote.
+Inside a distributed launch (`accelerate launch`, torchrun, SLURM's srun, or a Ray Train worker)
+every process runs the loop and returns a `TrainingResult`; the main process's is complete and
+written to `result.json`. Outside one, a job that asks for more than one process (or names an
+Accelerate config) is handed to the real `accelerate launch` CLI running `-m launcher run` on the
+resolved job, or with `launch.backend = "ray"` to Ray Train workers; this process waits and returns
+the result the main rank wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ from launcher.result import TrainingResult, write_atomic
 
 HANDOFF_ENV = "TRAINER_ENGINE_HANDOFF_DIR"  # where a launched job leaves the reason it was refused
 REFUSAL_NAME = "refusal.txt"
+ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun's default list plus SIGUSR1
 
 
 def in_distributed_launch() -> bool:
@@ -31,16 +34,20 @@ def in_distributed_launch() -> bool:
 
 
 def should_launch(config: JobConfig) -> bool:
-    return not in_distributed_launch() and (config.launch.num_processes > 1 or bool(config.launch.accelerate_config))
+    launch_cfg = config.launch
+    return not in_distributed_launch() and (launch_cfg.num_processes > 1 or bool(launch_cfg.accelerate_config)
+                                            or launch_cfg.backend == "ray")
 
 
 def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     """Run the job and return its result; raises `ConfigError` if the job is refused before training."""
     if should_launch(config):
-        return launch(config)
+        return launch_ray(config) if config.launch.backend == "ray" else launch(config)
     _adopt_slurm_environment()
+    from loop import preflight
     from loop.train import train
 
+    preflight.prepare_environment()
     try:
         result = train(config, status_writer=status_writer)
     except ConfigError as error:
@@ -49,6 +56,8 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
         if folder and int(os.environ.get("RANK", "0")) == 0:
             write_atomic(Path(folder) / REFUSAL_NAME, str(error))
         raise
+    if not result.success and not result.summary.get("preempted"):
+        _name_lost_ranks(result, config.output_path)
     folder = os.environ.get(HANDOFF_ENV)
     if folder and not result.success:
         # A rank that failed before the output folder was owned writes nothing there: hand the
@@ -57,6 +66,23 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     if int(os.environ.get("RANK", "0")) == 0 and (config.output_path / "result.json").exists():
         _maybe_write_report(config.output_path)
     return result
+
+
+def _name_lost_ranks(result: TrainingResult, output_dir: Path) -> None:
+    """After a failed multi-node run, put the ranks that were lost (killed, crashed, machine gone)
+    first in the error, here and in result.json, which rank 0 rewrites once the folder is released."""
+    from loop.preflight import name_lost_ranks
+
+    lost = name_lost_ranks()
+    if lost is None:
+        return
+    result.error = f"{lost}; the first error: {result.error}"
+    path = output_dir / "result.json"
+    if int(os.environ.get("RANK", "0")) == 0 and path.exists():
+        written = TrainingResult.read(path)
+        if not written.success and lost not in (written.error or ""):
+            written.error = f"{lost}; the first error: {written.error}"
+            written.write(path)
 
 
 def _maybe_write_report(output_dir: Path) -> None:
@@ -97,6 +123,9 @@ def launch_command(config: JobConfig, job_file: Path) -> tuple[list[str], dict[s
             command += ["--multi_gpu"]
     if launch_cfg.num_processes > 1 or not config_file:
         command += ["--num_processes", str(launch_cfg.num_processes)]
+    # torchrun's agent dies on a SIGUSR1 it does not handle and leaves its ranks running; in its
+    # --signals-to-handle (PET_ is how torchrun reads it from the environment) it passes it on to them.
+    env.setdefault("PET_SIGNALS_TO_HANDLE", ELASTIC_SIGNALS)
     sharded = bool(config_file) and _distributed_type(config_file) in ("DEEPSPEED", "FSDP")
     if not cuda_available() and not sharded:
         # Without this Accelerate starts N processes that each believe they are alone (ENVIRONMENT.md).
@@ -144,6 +173,94 @@ def launch(config: JobConfig) -> TrainingResult:
         return early
     return TrainingResult(success=False, error=f"accelerate launch exited with code {returncode} before a "
                                                "result was written; see its output above")
+
+
+def launch_ray(config: JobConfig) -> TrainingResult:
+    """Run the job in `launch.num_processes` Ray Train workers and return rank 0's result.
+
+    Ray's `TorchTrainer` sets up the process group (gloo on CPUs, NCCL with GPUs) and the RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT variables before each worker runs
+    `_ray_worker`, and the loop's Accelerator takes that group as it is: the same loop, data shards
+    and checkpoints as under `accelerate launch`. Uses the cluster in RAY_ADDRESS (or one this
+    process already joined), else starts a local one for this job and stops it afterwards.
+    """
+    try:
+        import ray
+        from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError:
+        raise ConfigError('launch.backend = "ray" needs Ray Train: pip install "trainer-engine[ray]" '
+                          '(or pip install "ray[train]")') from None
+    if config.launch.accelerate_config:
+        raise ConfigError('launch.accelerate_config is read by `accelerate launch` only; with launch.backend = '
+                          '"ray" Ray places the processes. Remove one of the two.')
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    use_gpu = cuda_available()
+    payload = {"job": config.to_toml(),
+               "job_folder": str(Path(config.source).resolve().parent) if config.source else ""}
+    try:
+        with tempfile.TemporaryDirectory(prefix="trainer-engine-ray-") as storage:
+            trainer = TorchTrainer(
+                _ray_worker, train_loop_config=payload,
+                scaling_config=ScalingConfig(num_workers=config.launch.num_processes, use_gpu=use_gpu),
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                         timeout_s=config.launch.timeout_minutes * 60),
+                run_config=RunConfig(name="trainer-engine", storage_path=storage))
+            try:
+                with _raising_on_stop_signals():
+                    value = trainer.fit().return_value
+            except TrainingFailedError as error:
+                return TrainingResult(success=False, error=f"a Ray Train worker failed: {error}")
+            except _StopSignal as stop:
+                # Ray runs the train function in a thread, where no signal handler can be installed,
+                # so the workers cannot save a last checkpoint (loop/preemption.py would need a hook).
+                return TrainingResult(success=False, error=f"stopped by {stop}: Ray Train workers stop without a last "
+                                      "checkpoint; rerun the same command to resume from the newest step checkpoint")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    returned = json.loads(value)
+    if "refused" in returned:
+        raise ConfigError(returned["refused"])
+    return TrainingResult.from_json(value)
+
+
+def _ray_worker(payload: dict) -> str:
+    """One Ray Train worker: the job on the process group Ray set up. Rank 0's return value becomes
+    the driver's result; a refused job comes back as {"refused": message}."""
+    from launcher.cli import _setup_logging  # the same log format and levels as `python -m launcher run`
+    from launcher.config import load_config
+
+    _setup_logging()
+    if payload["job_folder"] and payload["job_folder"] not in sys.path:
+        sys.path.insert(0, payload["job_folder"])  # a custom profile next to the job file imports, as with one process
+    with tempfile.TemporaryDirectory(prefix="trainer-engine-") as folder:
+        job_file = Path(folder) / "job.toml"
+        job_file.write_text(payload["job"], encoding="utf-8")
+        try:
+            result = run_job(load_config(job_file))
+        except ConfigError as error:
+            return json.dumps({"refused": str(error)})
+    return result.to_json()
+
+
+class _StopSignal(Exception):
+    """SIGTERM, SIGUSR1 or SIGINT while Ray Train runs the job."""
+
+
+@contextlib.contextmanager
+def _raising_on_stop_signals():
+    def stop(signum, frame):
+        raise _StopSignal(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

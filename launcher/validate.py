@@ -29,6 +29,7 @@ def validate_job(config: JobConfig, *, num_processes: int | None = None) -> str:
         "one rendered example, trained spans marked:",
         data.report.render_example(tokenizer),
         "",
-        "the job is valid.",
+        "the job is valid." if not data.report.warnings() else
+        f"the job is valid, with {len(data.report.warnings())} warning(s) about the data above.",
     ]
     return "\n".join(lines)

@@ -15,6 +15,10 @@ What each mode trains and writes:
 
 Gradient checkpointing is always non-reentrant: it needs no inputs that require grad, so it works on
 a frozen base under LoRA, and its gradients equal those without it (tests/test_lora.py pins both).
+
+Attention `auto` is transformers' own choice (sdpa where the model supports it, else eager), and
+LoRA's "all-linear" is resolved here so that it leaves MoE routers out (`all_linear_targets`);
+docs/models.md lists the families tests/test_architectures.py proves.
 """
 
 from __future__ import annotations
@@ -59,9 +63,12 @@ def build_model(config: JobConfig, tokenizer):
     if m.load_in_4bit:
         _require("bitsandbytes", "model.load_in_4bit", "4-bit loading (QLoRA)", "qlora")
         kwargs = _quantization_kwargs(config)
-    model = _from_pretrained(m.model_path, dtype=DTYPES.get(m.dtype, torch.float32),
-                             attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-                             **kwargs)
+    # "auto" is transformers' own default: sdpa where the model class supports it, else eager (Gemma 2).
+    attention = None if m.attn_implementation == "auto" else m.attn_implementation
+    model = _from_pretrained(m.model_path, dtype=DTYPES.get(m.dtype, torch.float32), attn_implementation=attention,
+                             trust_remote_code=m.trust_remote_code, **kwargs)
+    logger.info("attention: %s (model.attn_implementation = %r)", getattr(model.config, "_attn_implementation", "?"),
+                m.attn_implementation)
     model.config.use_cache = False  # the KV cache only costs memory in training
     _set_pad_token(model, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -77,6 +84,8 @@ def build_model(config: JobConfig, tokenizer):
         enable_gradient_checkpointing(model)
     if config.lora.enabled:
         model = _add_lora(model, config)
+    if m.compile:
+        compile_layers(model)
     trainable, total = count_parameters(model)
     logger.info("model %s: %s of %s parameters trainable (%.2f%%)", type(model).__name__, f"{trainable:,}",
                 f"{total:,}", 100 * trainable / max(total, 1))
@@ -105,6 +114,20 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compile_layers(model) -> int:
+    """`torch.compile` each repeated decoder layer in place (not the whole model): every layer has the
+    same code, so it compiles once and is reused, several times faster to compile than the whole graph
+    on 8B models, and the embedding, loss and generation stay eager. Returns the layers compiled."""
+    layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=None)
+    if not layers:
+        logger.warning("model.compile: found no decoder layers (a *DecoderLayer module) to compile; running eager")
+    else:
+        logger.info("model.compile: %d %s layers compiled on first use", len(layers), type(layers[0]).__name__)
+    return len(layers)
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
@@ -129,6 +152,11 @@ def _from_pretrained(path: str, **kwargs):
         raise ModelLoadError(f"model.model_path: loading {path!r} needs a package that is missing or too old: "
                              f"{_first_line(error)}") from None
     except (OSError, ValueError) as error:
+        attention = kwargs.get("attn_implementation")
+        if attention and any(word in str(error) for word in ("attn_implementation", "scaled_dot_product_attention")):
+            # e.g. sdpa asked of Gemma 2
+            raise ModelLoadError(f"model.attn_implementation: {path!r} cannot use {attention!r}: {_first_line(error)} "
+                                 "Use \"auto\" (the default), which picks what the model supports.") from None
         raise ModelLoadError(_load_message("model.model_path", path, error)) from None
 
 
@@ -169,7 +197,8 @@ def _check_attention(implementation: str) -> None:
         missing.append("there is no CUDA GPU")
     if missing:
         raise ModelLoadError(f"model.attn_implementation: {implementation!r} cannot run here: "
-                             f"{' and '.join(missing)}. Use attn_implementation = \"sdpa\" (the default).")
+                             f"{' and '.join(missing)}. Use attn_implementation = \"auto\" (the default: sdpa "
+                             "where the model supports it, else eager).")
 
 
 def _quantization_kwargs(config: JobConfig) -> dict:
@@ -213,11 +242,13 @@ def _add_lora(model, config: JobConfig):
     import peft
 
     lora = config.lora
+    targets = {"target_modules": lora.target_modules if isinstance(lora.target_modules, str)
+               else list(lora.target_modules)}
+    if lora.target_modules == "all-linear":
+        targets = all_linear_targets(model)
     lora_config = peft.LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-        # "all-linear" is every linear layer but the output head (peft leaves lm_head out).
-        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
-        modules_to_save=list(lora.modules_to_save) or None,
+        modules_to_save=list(lora.modules_to_save) or None, **targets,
     )
     try:
         return peft.get_peft_model(model, lora_config)
@@ -226,6 +257,42 @@ def _add_lora(model, config: JobConfig):
                          if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__})
         raise ModelLoadError(f"lora.target_modules / lora.modules_to_save: {_first_line(error)}. Linear modules "
                              f"of this model: {', '.join(linear)}; or use target_modules = \"all-linear\".") from None
+
+
+# Routers of Mixture-of-Experts layers, by module name (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek: `gate`;
+# Qwen2-MoE: `shared_expert_gate`; Jamba, GPT-OSS, Granite-MoE: `router`) or class (`*Router`, `*Gate`,
+# `*Gating`). An adapter on a router changes which experts see which tokens, not what they compute.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+ROUTER_CLASS_SUFFIXES = ("Router", "Gate", "Gating")
+
+
+def all_linear_targets(model) -> dict:
+    """peft arguments for `lora.target_modules = "all-linear"`: every linear layer (`target_modules`)
+    and every stacked expert weight (`target_parameters`), but not the output layer or the routers.
+
+    peft's own "all-linear" also adapts the routers of Mixture-of-Experts models: transformers 5 made
+    them custom modules and stacked each layer's experts into 3-D parameters, and peft maps its v4
+    names (router included) onto those. So the targets are resolved here, as full names like peft's.
+    """
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
+    routers = tuple(name for name, module in modules.items()
+                    if name.rsplit(".", 1)[-1] in ROUTER_NAMES or type(module).__name__.endswith(ROUTER_CLASS_SUFFIXES))
+
+    def in_router(name: str) -> bool:
+        return any(name == router or name.startswith(router + ".") for router in routers)
+
+    linear = sorted(name for name, module in modules.items()
+                    if isinstance(module, torch.nn.Linear) and module is not output and not in_router(name))
+    experts = [name for name, module in modules.items()
+               if (name.rsplit(".", 1)[-1] == "experts" or type(module).__name__.endswith("Experts"))
+               and not in_router(name)]
+    stacked = sorted(f"{name}.{leaf}" for name in experts
+                     for leaf, param in modules[name].named_parameters(recurse=False) if param.ndim == 3)
+    targets: dict = {"target_modules": linear}
+    if stacked:
+        targets["target_parameters"] = stacked  # peft >= 0.17
+    return targets
 
 
 # --- step checkpoints of 4-bit models -----------------------------------------------------------

@@ -13,6 +13,7 @@ folder as it found it. The folder holds:
     .trainer-engine-run   marks a folder as this project's run folder: the run id and the model identity
     .lock                 the process that owns the folder now (a kernel lock, released when it dies)
     job.toml              the resolved job of the run
+    manifest.json         what the run was made of (`loop.manifest`): data, tokenizer, model, versions, hardware
     status.json, metrics.jsonl, previews.jsonl, train.log, result.json, report.md, loss.png
     checkpoints/, final/  written by `loop.checkpoint` and `loop.model`
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 MARKER = ".trainer-engine-run"
 LOCK_NAME = ".lock"
 LEGACY_IDENTITY = "lock.json"  # where runs before the marker recorded the model identity
+MANIFEST = "manifest.json"
 
 
 class OutputDirError(ConfigError):
@@ -130,8 +132,10 @@ class RunDir:
         self.recorded_identity: dict | None = marker.get("identity")
 
     def open(self, *, job_toml: str, identity: dict, run_id: str, keep_until_step: int | None,
-             with_previews: bool = False, status_forward=None) -> None:
-        """Own the folder and open its files. Raises `OutputInUseError` while another live run owns it."""
+             with_previews: bool = False, status_forward=None, manifest: dict | None = None) -> None:
+        """Own the folder and open its files. Raises `OutputInUseError` while another live run owns it.
+
+        `manifest` (see `loop.manifest`), when given, is written to manifest.json by the main process."""
         if self.is_main:
             check_output_dir(self.path)  # again: the folder may have changed while the model loaded
             self.path.mkdir(parents=True, exist_ok=True)
@@ -139,6 +143,8 @@ class RunDir:
             record = {"run_id": run_id, "identity": identity, "project": "trainer-engine"}
             write_atomic(self.path / MARKER, json.dumps(record, indent=2) + "\n")
             write_atomic(self.path / "job.toml", job_toml)
+            if manifest is not None:
+                write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
             _log_to_file(self.path / "train.log")
         self.status = StatusFile(self.path / "status.json" if self.is_main else None, forward=status_forward)
         self.metrics = MetricsLog(self.path / "metrics.jsonl" if self.is_main else None, keep_until_step=keep_until_step)

@@ -24,7 +24,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from launcher.config import PRECISIONS, ConfigError, JobConfig
 from launcher.result import TrainingResult
@@ -32,8 +31,11 @@ from loop.checkpoint import Checkpointer, Progress, RunShape, resume_settings
 from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
 from loop.data.batches import NUM_REAL_TOKENS
 from loop.identity import check_identity
+from loop.loss import choose_loss_head, router_aux_coef, summed_token_loss
+from loop.manifest import build_manifest
 from loop.model import build_model, count_parameters, register_checkpoint_hooks, save_final_model
 from loop.preemption import Preempted, StopFlag
+from loop.preflight import check_cluster
 from loop.preview import generate_previews, preview_prompts
 from loop.run_dir import RunDir, check_output_dir, completed_result, new_run_id
 from loop.throughput import device_peak_flops, mfu, peak_memory_bytes
@@ -81,15 +83,31 @@ def build_accelerator(config: JobConfig):
 
 
 def build_optimizer(model, config: JobConfig) -> torch.optim.Optimizer:
-    """AdamW, with no weight decay on biases and norm weights (the 1-D parameters)."""
+    """`hyperparams.optimizer`, with no weight decay on biases and norm weights (the 1-D parameters).
+
+    adamw: torch's AdamW, fused (one kernel for all parameters, on CUDA and CPU) unless DeepSpeed,
+    which steps its own flattened partitions, or 4-bit models with their mixed dtypes.
+    adamw_8bit, paged_adamw_8bit: bitsandbytes' 8-bit AdamW (states in 8 bits: 2 bytes a parameter
+    instead of 8; the paged one spills states to CPU memory under GPU memory pressure).
+    adafactor: torch's Adafactor, factored second moments and no first moment (a few bytes a row
+    and column of each matrix instead of 8 bytes a parameter).
+    """
     h = config.hyperparams
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # torch's fused AdamW (one kernel for all parameters, on CUDA and CPU) unless DeepSpeed, which
-    # steps its own flattened partitions; 4-bit models keep the default for their mixed dtypes.
+    if h.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=h.learning_rate, eps=(None, h.adam_epsilon))
+    if h.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(f"hyperparams.optimizer = {h.optimizer!r} needs bitsandbytes: pip install "
+                              "'trainer-engine[qlora]', or choose \"adamw\" or \"adafactor\"") from None
+        optimizer = bnb.optim.PagedAdamW8bit if h.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return optimizer(groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon)
     fused = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" and not config.model.load_in_4bit
     return torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon,
                              fused=fused or None)
@@ -115,19 +133,6 @@ def build_scheduler(optimizer, config: JobConfig, total_steps: int):
 
 
 # --- the pieces of a step -----------------------------------------------------------------------
-
-def summed_token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token cross-entropy over supervised tokens, per row; supervised tokens per row)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", NUM_REAL_TOKENS)}
-    logits = model(**inputs).logits.float()
-    # Position t predicts label t+1; the last position predicts nothing. Shifting the labels instead
-    # of slicing the logits keeps the logits contiguous, so flattening them to (tokens, vocabulary),
-    # the fast layout for cross_entropy, copies nothing.
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction="none")
-    return losses.view(targets.shape).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
-
 
 def count_tokens(window: list[dict]) -> tuple[int, int]:
     """(supervised tokens, non-padding input tokens) of a window on this process."""
@@ -166,18 +171,28 @@ def set_gradient_sync(accelerator, is_last: bool) -> None:
     accelerator.gradient_state._set_sync_gradients(is_last)
 
 
-def evaluate(model, loader, accelerator) -> float:
-    """Token-weighted validation loss over all processes (padding rows Accelerate adds are dropped)."""
+def evaluate(model, loader, accelerator, loss_head=None) -> float:
+    """Token-weighted validation loss over all processes (padding rows Accelerate adds are dropped);
+    for an MoE model that trains with its router auxiliary loss, plus its coefficient times the mean
+    auxiliary loss of the batches, as in the training loss."""
     model.eval()
+    aux_coef = router_aux_coef(accelerator.unwrap_model(model))
     loss_sum, num_tokens = 0.0, 0
+    aux_sums = torch.zeros(2, device=accelerator.device)  # auxiliary losses, batches that had one
     with torch.no_grad():
         for batch in loader:
-            row_losses, row_tokens = summed_token_loss(model, batch)
-            row_losses, row_tokens = accelerator.gather_for_metrics((row_losses, row_tokens))
+            losses = summed_token_loss(model, batch, loss_head)
+            row_losses, row_tokens = accelerator.gather_for_metrics((losses[0], losses[1]))
             loss_sum += float(row_losses.sum())
             num_tokens += int(row_tokens.sum())
+            if aux_coef is not None and losses.aux_loss is not None:
+                aux_sums += torch.stack([losses.aux_loss.detach(), torch.ones_like(losses.aux_loss)])
     model.train()
-    return loss_sum / max(num_tokens, 1)
+    loss = loss_sum / max(num_tokens, 1)
+    if aux_coef is not None:
+        aux_sum, num_batches = accelerator.reduce(aux_sums, "sum").tolist()
+        loss += aux_coef * aux_sum / max(num_batches, 1)
+    return loss
 
 
 @dataclass
@@ -222,8 +237,12 @@ class Run:
     peak_flops: float | None
     summary: dict
     started: float
+    loss_head: torch.nn.Module | None = None
+    """The output layer when the loss is fused with it (`loop.loss`), else None."""
     final_loss: float | None = None
     eval_loss: float | None = None
+    aux_loss: float | None = None
+    """The router auxiliary loss of the last step (MoE models that train with it), else None."""
 
 
 def train(config: JobConfig, *, status_writer=None, on_step=None) -> TrainingResult:
@@ -243,6 +262,7 @@ def train(config: JobConfig, *, status_writer=None, on_step=None) -> TrainingRes
                     "\"never\" and output.overwrite = true to train it again.", config.output_path)
         return done
     accelerator = build_accelerator(config)
+    check_cluster(accelerator, config)  # every rank there, one output folder, links timed: loop/preflight.py
     run_dir = RunDir(config.output_path, is_main=accelerator.is_main_process)
     run = None
     # Installed from the start: a stop requested while loading is honoured at the first step (before
@@ -304,6 +324,7 @@ def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, starte
     scheduler = build_scheduler(optimizer, config, total_steps)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    loss_head, loss_reason = choose_loss_head(model, config, accelerator)
 
     shape = RunShape(batch_size=h.batch_size, gradient_accumulation=h.gradient_accumulation,
                      world_size=accelerator.num_processes, num_train_examples=len(data.train), seed=h.seed)
@@ -318,7 +339,10 @@ def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, starte
         checkpointer.run_id = new_run_id()
     run_dir.open(job_toml=config.to_toml(), identity=identity, run_id=checkpointer.run_id,
                  keep_until_step=progress.step if resume_from else None, with_previews=bool(prompt_ids),
-                 status_forward=getattr(status_writer, "write", status_writer))
+                 status_forward=getattr(status_writer, "write", status_writer),
+                 manifest=build_manifest(config, tokenizer=tokenizer, data=data, world_size=accelerator.num_processes,
+                                         run_id=checkpointer.run_id, resumed_from_step=progress.step if resume_from
+                                         else None) if accelerator.is_main_process else None)
     checkpointer.remove_incomplete(keep_other_runs=resume_from is not None)
     if checkpointer.resume_changes:
         run_dir.metrics.write({"step": progress.step, "resume_changes": {
@@ -327,15 +351,17 @@ def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, starte
         config=config, accelerator=accelerator, tokenizer=tokenizer, model=model, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, checkpointer=checkpointer,
         progress=progress, total_steps=total_steps, run_dir=run_dir, preview_prompt_ids=prompt_ids,
-        num_parameters=num_parameters, peak_flops=device_peak_flops(), started=started,
+        num_parameters=num_parameters, peak_flops=device_peak_flops(), started=started, loss_head=loss_head,
         summary={"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
                  "num_parameters": num_parameters, "num_trainable_parameters": num_trainable,
-                 "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None},
+                 "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None,
+                 "loss": "fused" if loss_head is not None else "logits"},
     )
     run_dir.status.update(status="running", current_step=progress.step, total_steps=total_steps, error_message=None)
     logger.info("%s on %d process(es), device %s, mixed precision %s, %d optimizer steps",
                 accelerator.distributed_type.value, accelerator.num_processes, accelerator.device,
                 accelerator.mixed_precision, total_steps)
+    logger.info("loss: %s path (%s)", run.summary["loss"], loss_reason)
     if resume_from:
         logger.info("resuming from %s at step %d", resume_from, progress.step)
     if config.monitoring.preview_steps and not prompt_ids:
@@ -403,19 +429,37 @@ def train_step(run: Run, window: list[dict], global_tokens: int) -> tuple[float,
     Accelerate divides each backward by the accumulation steps and DDP averages gradients over
     processes, so scaling each micro-batch's summed loss by accumulation * world_size / global_tokens
     leaves exactly that token mean.
+
+    An MoE model whose config asks for router logits adds coef * (mean of its router auxiliary loss
+    over the micro-batches of the window on all processes): the aux loss is already a mean per
+    forward, so each micro-batch's is scaled by accumulation / micro-batches in the window (every
+    process takes as many), which the same two divisions turn into that mean.
     """
     accelerator, model, h = run.accelerator, run.model, run.config.hyperparams
     scale = h.gradient_accumulation * accelerator.num_processes / max(global_tokens, 1)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    aux_coef = router_aux_coef(accelerator.unwrap_model(model))
+    aux_scale = h.gradient_accumulation / len(window)
+    sums = torch.zeros(3, device=accelerator.device)  # token losses, auxiliary losses, micro-batches with one
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
         set_gradient_sync(accelerator, is_last)  # gradients are all-reduced on the window's last micro-batch
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            row_losses, _ = summed_token_loss(model, batch)
-            micro_loss = row_losses.sum()
-            accelerator.backward(micro_loss * scale)
-        loss_sum += micro_loss.detach()
-    loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_tokens, 1)
+            losses = summed_token_loss(model, batch, run.loss_head)
+            micro_loss = losses[0].sum()
+            aux = losses.aux_loss if aux_coef is not None else None
+            objective = micro_loss * scale
+            if aux is not None:
+                objective = objective + aux_coef * aux_scale * aux
+            accelerator.backward(objective)
+        if aux is None:
+            sums[0] += micro_loss.detach()
+        else:
+            sums += torch.stack([micro_loss.detach(), aux.detach(), torch.ones_like(aux)])
+    token_sum, aux_sum, num_aux = accelerator.reduce(sums, "sum").tolist()
+    loss = token_sum / max(global_tokens, 1)
+    run.aux_loss = aux_sum / num_aux if num_aux else None
+    if run.aux_loss is not None:
+        loss += aux_coef * run.aux_loss
 
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -447,7 +491,7 @@ def log_step(run: Run, logged: LogWindow, grad_norm: float, bar) -> None:
 
 
 def evaluate_step(run: Run) -> None:
-    run.eval_loss = evaluate(run.model, run.eval_loader, run.accelerator)
+    run.eval_loss = evaluate(run.model, run.eval_loader, run.accelerator, run.loss_head)
     run.run_dir.metrics.write({"step": run.progress.step, "eval_loss": run.eval_loss})
     run.accelerator.log({"eval/loss": run.eval_loss}, step=run.progress.step)
     run.run_dir.status.update(validation_loss=run.eval_loss)
@@ -527,6 +571,8 @@ def _train_record(run: Run, logged: LogWindow, grad_norm: float) -> dict:
                       run.peak_flops)
     if utilisation is not None:
         record["mfu"] = utilisation
+    if run.aux_loss is not None:
+        record["aux_loss"] = run.aux_loss  # of the last step, like grad_norm; `loss` holds coef x it
     return record
 
 

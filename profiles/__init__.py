@@ -8,7 +8,7 @@ A profile is pure: no tokenizer, no I/O, deterministic per record index. Write y
 subclassing `Profile` (see its docstring).
 """
 
-from profiles.base import ROLES, Profile, RecordError, check_messages, with_system_prompt
+from profiles.base import ROLES, Profile, RecordError, check_messages, check_tools, with_system_prompt
 from profiles.builtin import (
     BUILTIN_PROFILES,
     AlpacaProfile,
@@ -21,6 +21,6 @@ from profiles.registry import available_profiles, fill_system_prompt, get_profil
 
 __all__ = [
     "BUILTIN_PROFILES", "ROLES", "AlpacaProfile", "ChatProfile", "CompletionProfile", "Profile", "RecordError",
-    "ShareGPTProfile", "TextProfile", "available_profiles", "check_messages", "fill_system_prompt",
+    "ShareGPTProfile", "TextProfile", "available_profiles", "check_messages", "check_tools", "fill_system_prompt",
     "get_profile", "profile_fingerprint", "with_system_prompt",
 ]

@@ -7,6 +7,7 @@ subclass that implements `messages()` (10 lines, see `Profile`), referenced from
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,10 +52,22 @@ class Profile:
         """The record as a list of messages; raise `RecordError` for a malformed record."""
         raise NotImplementedError(f"{type(self).__name__} must implement messages(example, index)")
 
+    def tools(self, example: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
+        """The JSON schemas of the tools the record's conversation may call, or None (the default: no tools).
+
+        They reach the chat template as `apply_chat_template(..., tools=...)`; they are never trained.
+        """
+        return None
+
     def transform_example(self, example: dict[str, Any], index: int, system_prompt: str = "") -> dict[str, Any]:
-        """`{"messages": [...]}` for one record; `index` is its position among the file's records (0-based)."""
+        """`{"messages": [...]}` for one record, with `"tools": [...]` when it has tools; `index` is its
+        position among the file's records (0-based)."""
         messages = self.messages(example, index)
-        return {"messages": with_system_prompt(messages, system_prompt, override=self.override_system_prompt)}
+        result = {"messages": with_system_prompt(messages, system_prompt, override=self.override_system_prompt)}
+        tools = self.tools(example, index)
+        if tools is not None:
+            result["tools"] = tools
+        return result
 
     # --- helpers for subclasses ---------------------------------------------------------------
     @staticmethod
@@ -87,7 +100,8 @@ def check_messages(messages: Any, roles: tuple[str, ...] = ROLES) -> list[dict[s
     """Raise `RecordError` naming the message index unless `messages` is a usable conversation.
 
     Each message needs a known `role` and a string `content`; other keys (e.g. `tool_calls`) are kept
-    for the chat template. An assistant message with `tool_calls` may have no content.
+    for the chat template. An assistant message with `tool_calls` may have no content; each call is
+    `{"function": {"name": ..., "arguments": {...} or a JSON string}}` (OpenAI style; `id` and `type` optional).
     """
     if not isinstance(messages, list):
         raise RecordError(f"`messages` must be a list of messages, got {type(messages).__name__}")
@@ -103,10 +117,49 @@ def check_messages(messages: Any, roles: tuple[str, ...] = ROLES) -> list[dict[s
         if role not in roles:
             raise RecordError(f"{where}: unknown role {role!r}; expected one of {', '.join(roles)}")
         content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            continue
+        calls = message.get("tool_calls")
+        if calls is not None and calls != []:  # datasets often write an empty list on every message
+            if role != "assistant":
+                raise RecordError(f"{where}: only assistant messages may have `tool_calls`, not {role!r}")
+            check_tool_calls(calls, where)
+            if content is None:
+                continue
         if "content" not in message:
             raise RecordError(f"{where}: missing field `content`")
         if not isinstance(content, str):
             raise RecordError(f"{where}: `content` must be a string, got {type(content).__name__}")
     return messages
+
+
+def check_tool_calls(calls: Any, where: str) -> None:
+    """Raise `RecordError` unless `calls` is a list of `{"function": {"name": str, "arguments": ...}}` (or of
+    `{"name": str, "arguments": ...}`, which many templates also read)."""
+    if not isinstance(calls, list):
+        raise RecordError(f"{where}: `tool_calls` must be a list of calls, got {_kind(calls)}")
+    for position, call in enumerate(calls):
+        at = f"{where}.tool_calls[{position}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise RecordError(f'{at}: expected {{"function": {{"name": ..., "arguments": ...}}}}, got {_kind(call)}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise RecordError(f"{at}: the function's `name` must be a non-empty string")
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            raise RecordError(f"{at}: the function's `arguments` must be an object or a JSON string, "
+                              f"got {_kind(function['arguments'])}")
+
+
+def check_tools(tools: Any) -> list[dict[str, Any]]:
+    """`tools` as a list of JSON-schema objects (a JSON string holding one is parsed); `RecordError` otherwise."""
+    if isinstance(tools, str):  # many datasets store the schemas as a JSON string
+        try:
+            tools = json.loads(tools)
+        except ValueError as error:
+            raise RecordError(f"`tools` is a string but not JSON: {error}") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise RecordError(f"`tools` must be a list of JSON-schema objects, got {_kind(tools)}")
+    return tools
+
+
+def _kind(value: Any) -> str:
+    return "a list of " + ", ".join(sorted({type(v).__name__ for v in value})) if isinstance(value, list) and value \
+        else type(value).__name__

@@ -13,7 +13,8 @@ from profiles.base import Profile, RecordError
 
 
 class ChatProfile(Profile):
-    """`{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}` (OpenAI style)."""
+    """`{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}], "tools": optional}`
+    (OpenAI style: assistant messages may carry `tool_calls`, answered by `tool` messages)."""
 
     def messages(self, example, index):
         if "messages" not in example:
@@ -21,6 +22,10 @@ class ChatProfile(Profile):
         # Shallow copies, so adding a system prompt never edits the caller's record.
         messages = example["messages"]
         return [dict(m) if isinstance(m, dict) else m for m in messages] if isinstance(messages, list) else messages
+
+    def tools(self, example, index):
+        """The record's `tools` (JSON schemas, as OpenAI and `apply_chat_template` take them), if any."""
+        return example.get("tools")
 
 
 class AlpacaProfile(Profile):

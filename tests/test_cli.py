@@ -3,58 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import EXPLODING, REPO, run_cli, run_launcher, small_job
 from launcher.cli import main
 from launcher.config import load_config
-from launcher.demo import build_tiny_model
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_JOBS = sorted((REPO / "examples").glob("*.toml"))
+# The small job, 2 steps.
+SETTINGS = {"hyperparams.max_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def write_job(folder: Path, model_dir: Path, extra: str = "", records: list | None = None) -> Path:
-    records = records if records is not None else [
-        {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
-        for i in range(8)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    job = folder / "job.toml"
-    job.write_text(f"""
-[model]
-model_path = "{model_dir}"
-[data]
-dataset_path = "train.jsonl"
-max_length = 128
-cache_dir = "cache"
-[hyperparams]
-max_steps = 2
-fp_precision = "fp32"
-save_steps = 0
-[output]
-output_dir = "out"
-{extra}
-""")
-    return job
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_misspelled_key_exits_2_and_suggests_the_right_one(tmp_path, model_dir, capsys):
-    job = write_job(tmp_path, model_dir)
-    job.write_text(job.read_text().replace("max_steps = 2", "learnig_rate = 1e-4"))
+def test_misspelled_key_exits_2_and_suggests_the_right_one(tmp_path, tiny_model_dir, capsys):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS, **{"hyperparams.learnig_rate": 1e-4})
     code, out, err = run_cli(["run", job], capsys)
     assert code == 2
     assert "did you mean `learning_rate`?" in err and f"{job}:" in err
@@ -62,15 +24,15 @@ def test_misspelled_key_exits_2_and_suggests_the_right_one(tmp_path, model_dir, 
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_override_exits_2_naming_the_key_and_type(tmp_path, model_dir, capsys):
-    job = write_job(tmp_path, model_dir)
+def test_bad_override_exits_2_naming_the_key_and_type(tmp_path, tiny_model_dir, capsys):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS)
     code, _, err = run_cli(["validate", job, "--set", "hyperparams.batch_size=abc"], capsys)
     assert code == 2
     assert "hyperparams.batch_size" in err and "expected an integer" in err and '"abc"' in err
 
 
-def test_unknown_override_key_is_refused_with_a_suggestion(tmp_path, model_dir, capsys):
-    job = write_job(tmp_path, model_dir)
+def test_unknown_override_key_is_refused_with_a_suggestion(tmp_path, tiny_model_dir, capsys):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS)
     code, _, err = run_cli(["validate", job, "--set", "hyperparams.lerning_rate=1e-4"], capsys)
     assert code == 2 and "did you mean `learning_rate`?" in err
 
@@ -95,8 +57,8 @@ def test_help_lists_the_commands(capsys):
         assert command in out
 
 
-def test_bad_data_record_exits_2_naming_the_line(tmp_path, model_dir, capsys):
-    job = write_job(tmp_path, model_dir)
+def test_bad_data_record_exits_2_naming_the_line(tmp_path, tiny_model_dir, capsys):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS)
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     lines[2] = '{"messages": [{"role": "user", "content": "hi"}'  # truncated JSON on line 3
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
@@ -107,8 +69,8 @@ def test_bad_data_record_exits_2_naming_the_line(tmp_path, model_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_validate_prints_the_data_report(tmp_path, model_dir, capsys):
-    job = write_job(tmp_path, model_dir)
+def test_validate_prints_the_data_report(tmp_path, tiny_model_dir, capsys):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS)
     code, out, err = run_cli(["validate", job], capsys)
     assert code == 0, err
     assert "optimizer steps: 2" in out
@@ -116,20 +78,20 @@ def test_validate_prints_the_data_report(tmp_path, model_dir, capsys):
     assert not (tmp_path / "out").exists()  # validate writes nothing to the output folder
 
 
-def test_run_exit_codes_for_success_and_failure(tmp_path, model_dir, capsys):
-    job = write_job(tmp_path, model_dir)
+def test_run_exit_codes_for_success_and_failure(tmp_path, tiny_model_dir, capsys):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS)
     code, out, _ = run_cli(["run", job], capsys)
     assert code == 0
     assert json.loads(out)["success"] is True
-    code, _, err = run_cli(["run", job, "--set", "hyperparams.learning_rate=1e30", "--set", "hyperparams.max_steps=30",
-                            "--set", "hyperparams.max_grad_norm=0", "--set", "output.output_dir='out2'"], capsys)
+    exploding = [item for key, value in EXPLODING.items() for item in ("--set", f"{key}={value}")]
+    code, _, err = run_cli(["run", job, *exploding, "--set", "hyperparams.max_steps=30", "--set",
+                            "output.output_dir='out2'"], capsys)
     assert code == 1 and "non-finite" in err
 
 
-def test_a_refused_job_prints_no_traceback_as_a_process(tmp_path, model_dir):
-    job = write_job(tmp_path, model_dir, extra="[bogus]\nx = 1\n")
-    process = subprocess.run([sys.executable, "-m", "launcher", "run", str(job)], cwd=REPO,
-                             capture_output=True, text=True)
+def test_a_refused_job_prints_no_traceback_as_a_process(tmp_path, tiny_model_dir):
+    job = small_job(tmp_path, tiny_model_dir, **SETTINGS, **{"bogus.x": 1})
+    process = run_launcher("run", job)
     assert process.returncode == 2
     assert "unknown section [bogus]" in process.stderr
     assert "Traceback" not in process.stderr
@@ -141,10 +103,10 @@ def test_reference_is_generated_from_the_config(capsys):
 
 
 @pytest.mark.parametrize("job", EXAMPLE_JOBS, ids=[p.name for p in EXAMPLE_JOBS])
-def test_every_example_job_validates(job, model_dir, capsys):
-    config = load_config(job, overrides={"model.model_path": str(model_dir)})
+def test_every_example_job_validates(job, tiny_model_dir, capsys):
+    config = load_config(job, overrides={"model.model_path": str(tiny_model_dir)})
     assert config.data.dataset_path
-    code, out, err = run_cli(["validate", job, "--set", f"model.model_path='{model_dir}'"], capsys)
+    code, out, err = run_cli(["validate", job, "--set", f"model.model_path='{tiny_model_dir}'"], capsys)
     assert code == 0, err
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,13 @@ SECTION_CLASSES = {
     "output": OutputConfig, "monitoring": MonitoringConfig, "environment": EnvironmentConfig,
     "lora": LoraConfig, "launch": LaunchConfig, "locked": LockedConfig,
 }
+# Keys that hold a list of tables (`[[data.sources]]`), as "section.key", with their dataclass.
+LIST_TABLES = {f"{section}.{key}": typing.get_args(tp)[0] for section, cls in SECTION_CLASSES.items()
+               for key, tp in typing.get_type_hints(cls).items()
+               if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])}
+TABLE_CLASSES = {**SECTION_CLASSES, **LIST_TABLES}
+# What one such table needs to be valid.
+TABLE_REQUIRED = {"data.sources": {"path": "a.jsonl"}}
 HUB_ID = "Qwen/Qwen3-0.6B"
 # The smallest job that loads: the three required keys, with the data file created next to the job.
 REQUIRED_LINES = {
@@ -49,6 +57,9 @@ REQUIRED_LINES = {
     "data": 'dataset_path = "train.jsonl"',
     "output": 'output_dir = "out"',
 }
+# The same as a parsed job, for `config_from_dict` (paths resolve against the cwd; nothing is read).
+REQUIRED_DICT = {"model": {"model_path": HUB_ID}, "data": {"dataset_path": "train.jsonl"},
+                 "output": {"output_dir": "out"}}
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -63,6 +74,8 @@ def toml_literal(value) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_literal(v)}" for k, v in value.items()) + "}"
     raise TypeError(value)
 
 
@@ -139,28 +152,21 @@ def test_minimal_job_loads_with_every_default(tmp_path):
     assert config.output_path == tmp_path / "out"
 
 
-def test_contract_defaults():
-    h = HyperparamsConfig()
-    assert (h.batch_size, h.gradient_accumulation, h.learning_rate, h.lr_scheduler) == (1, 1, 2e-5, "cosine")
-    assert (h.warmup_steps, h.num_epochs, h.max_steps, h.max_grad_norm) == (0, 1, -1, 1.0)
-    assert (h.weight_decay, h.adam_betas, h.adam_epsilon, h.fp_precision) == (0.0, [0.9, 0.999], 1e-8, "bf16")
-    assert (h.seed, h.save_steps, h.save_total_limit, h.eval_steps) == (42, 500, 3, 0)
-    d = DataConfig()
-    assert (d.max_length, d.packing, d.shuffle, d.on_bad_record, d.too_long) == (2048, False, True, "error", "truncate")
-    assert ProfileConfig() == ProfileConfig(name="chat", system_prompt="", train_on="assistant")
-    assert OutputConfig().resume == "auto"
-    assert (MonitoringConfig().validation_split, MonitoringConfig().validation_max_samples) == (0.0, 500)
-    assert (EnvironmentConfig().logging_steps, EnvironmentConfig().report_to) == (10, [])
-    lora = LoraConfig()
-    assert (lora.enabled, lora.r, lora.alpha, lora.dropout, lora.target_modules) == (False, 16, 32, 0.05, "all-linear")
-    assert (LaunchConfig().num_processes, LaunchConfig().accelerate_config) == (1, "")
-    assert LockedConfig() == LockedConfig(base_model="", model_architecture="", max_context_length=0, vocab_size=0)
+def test_a_job_with_only_the_required_keys_trains_one_example_per_step_for_one_epoch(tmp_path):
+    """What the defaults mean for a run, in numbers worked out by hand: no batching, no accumulation,
+    one pass over the data, no step limit."""
+    config = load(tmp_path)
+    assert config.global_batch_size(1) == 1
+    assert config.num_optimizer_steps(10, 1) == 10    # 10 rows, one per step, once
+    assert config.num_optimizer_steps(10, 2) == 5     # two processes share the 10 rows
+    assert config.num_optimizer_steps(7, 2) == 4      # 7 rows on 2 processes: 4 batches each (one repeated)
 
 
 def test_list_defaults_are_not_shared_between_instances():
     first, second = HyperparamsConfig(), HyperparamsConfig()
+    before = list(second.adam_betas)
     first.adam_betas.append(0.5)
-    assert second.adam_betas == [0.9, 0.999]
+    assert second.adam_betas == before and first.adam_betas != before
 
 
 # A non-default value for every key of every section; together they pass every cross-field rule.
@@ -168,20 +174,22 @@ EXPLICIT = {
     "model": {
         "model_path": "models/tiny", "tokenizer_path": "models/tok", "dtype": "bfloat16",
         "attn_implementation": "eager", "load_in_4bit": True, "gradient_checkpointing": True,
-        "trust_remote_code": True,
+        "trust_remote_code": True, "compile": True,
     },
     "data": {
         "dataset_path": "data/train.jsonl", "validation_path": "data/val.jsonl", "max_length": 512,
         "packing": True, "shuffle": False, "on_bad_record": "skip", "too_long": "drop",
         "chat_template": "template.jinja", "group_by_length": True, "pad_to_multiple_of": 8, "num_proc": 4,
-        "cache_dir": "cache",
+        "cache_dir": "cache", "split": "train", "subset": "main", "revision": "v1",
+        "column_map": {"instruction": "question"}, "validation_split_name": "test",
     },
-    "profile": {"name": "alpaca", "system_prompt": "Today is {date}.", "train_on": "last_assistant"},
+    "profile": {"name": "alpaca", "system_prompt": "Today is {date}.", "train_on": "last_assistant",
+                "unstable_turns": "refuse"},
     "hyperparams": {
         "batch_size": 4, "gradient_accumulation": 8, "learning_rate": 1e-4, "lr_scheduler": "linear",
         "warmup_steps": 10, "num_epochs": 2.5, "max_steps": 100, "max_grad_norm": 0.5, "weight_decay": 0.01,
-        "adam_betas": [0.8, 0.95], "adam_epsilon": 1e-6, "fp_precision": "fp32", "seed": 7, "save_steps": 50,
-        "save_total_limit": 2, "eval_steps": 25,
+        "adam_betas": [0.8, 0.95], "adam_epsilon": 1e-6, "fp_precision": "fp32", "optimizer": "adafactor",
+        "loss": "logits", "seed": 7, "save_steps": 50, "save_total_limit": 2, "eval_steps": 25,
     },
     "output": {"output_dir": "runs/a", "resume": "never", "overwrite": True, "merge_lora": True,
                "resume_changes": "allow"},
@@ -195,7 +203,7 @@ EXPLICIT = {
         "modules_to_save": ["lm_head"],
     },
     "launch": {"num_processes": 2, "accelerate_config": "accel.yaml", "timeout_minutes": 10,
-               "main_process_port": 29500},
+               "main_process_port": 29500, "preflight_seconds": 60, "backend": "ray"},
     "locked": {"base_model": "tiny", "model_architecture": "Qwen3ForCausalLM", "max_context_length": 4096,
                "vocab_size": 1000},
 }
@@ -214,9 +222,15 @@ def write_explicit_job(folder: Path) -> Path:
     return write_job(folder, job_text(EXPLICIT, required=False), with_data=False)
 
 
+# Keys that cannot join the others: `[[data.sources]]` replaces `data.dataset_path` (see
+# test_round_trip_of_data_sources).
+NOT_IN_EXPLICIT = {"data": {"sources"}}
+
+
 def test_explicit_values_cover_every_key():
     for name, cls in SECTION_CLASSES.items():
-        assert set(EXPLICIT[name]) == {f.name for f in dataclasses.fields(cls)}, name
+        keys = {f.name for f in dataclasses.fields(cls)} - NOT_IN_EXPLICIT.get(name, set())
+        assert set(EXPLICIT[name]) == keys, name
         defaults = cls()
         for key, value in EXPLICIT[name].items():
             assert getattr(defaults, key) != value, f"{name}.{key} equals its default"
@@ -377,55 +391,194 @@ def test_a_top_level_key_is_an_unknown_section(tmp_path):
 # --- ranges ------------------------------------------------------------------------------------
 
 RANGE_CASES = [
-    ("hyperparams", "batch_size", "0", "must be >= 1"),
-    ("hyperparams", "batch_size", "-3", "must be >= 1"),
-    ("hyperparams", "gradient_accumulation", "0", "must be >= 1"),
-    ("hyperparams", "learning_rate", "0", "must be > 0"),
-    ("hyperparams", "learning_rate", "-1e-4", "must be > 0"),
-    ("hyperparams", "max_steps", "-2", "must be >= -1"),
-    ("hyperparams", "num_epochs", "-1", "must be >= 0"),
-    ("hyperparams", "save_total_limit", "0", "must be >= 1"),
-    ("hyperparams", "save_steps", "-1", "must be >= 0"),
-    ("hyperparams", "warmup_steps", "-1", "must be >= 0"),
-    ("hyperparams", "adam_epsilon", "0.0", "must be > 0"),
-    ("hyperparams", "seed", "-1", "must be >= 0"),
-    ("data", "max_length", "4", "must be >= 8"),
-    ("data", "num_proc", "0", "must be >= 1"),
+    # Lower bounds.
+    ("hyperparams", "batch_size", "0", "must be >= 1 and <= 1_048_576"),
+    ("hyperparams", "batch_size", "-3", "must be >= 1 and <= 1_048_576"),
+    ("hyperparams", "gradient_accumulation", "0", "must be >= 1 and <= 1_048_576"),
+    ("hyperparams", "learning_rate", "0", "must be > 0 and <= 10"),
+    ("hyperparams", "learning_rate", "-1e-4", "must be > 0 and <= 10"),
+    ("hyperparams", "max_steps", "-2", "must be >= -1 and <= 1_000_000_000"),
+    ("hyperparams", "num_epochs", "-1", "must be >= 0 and <= 10_000"),
+    ("hyperparams", "save_total_limit", "0", "must be >= 1 and <= 1_000_000"),
+    ("hyperparams", "save_steps", "-1", "must be >= 0 and <= 1_000_000_000"),
+    ("hyperparams", "warmup_steps", "-1", "must be >= 0 and <= 1_000_000_000"),
+    ("hyperparams", "adam_epsilon", "0.0", "must be > 0 and <= 1"),
+    ("hyperparams", "seed", "-1", "must be >= 0 and <= 4_294_967_295"),
+    ("data", "max_length", "4", "must be >= 8 and <= 4_194_304"),
+    ("data", "num_proc", "0", "must be >= 1 and <= 1024"),
     ("monitoring", "validation_split", "1.0", "must be >= 0 and < 1"),
     ("monitoring", "validation_split", "-0.1", "must be >= 0 and < 1"),
-    ("monitoring", "validation_max_samples", "0", "must be >= 1"),
-    ("environment", "logging_steps", "0", "must be >= 1"),
-    ("lora", "r", "0", "must be >= 1"),
+    ("monitoring", "validation_max_samples", "0", "must be >= 1 and <= 1_000_000_000"),
+    ("environment", "logging_steps", "0", "must be >= 1 and <= 1_000_000_000"),
+    ("lora", "r", "0", "must be >= 1 and <= 65_536"),
     ("lora", "dropout", "1", "must be >= 0 and < 1"),
-    ("launch", "num_processes", "0", "must be >= 1"),
-    ("launch", "main_process_port", "70000", "must be >= 0 and <= 65535"),
+    ("launch", "num_processes", "0", "must be >= 1 and <= 1024"),
+    # Upper bounds: what numpy, timedelta and int64 tensors cannot hold, and typos.
+    ("hyperparams", "seed", "4294967296", "must be >= 0 and <= 4_294_967_295"),   # numpy: seeds < 2**32
+    ("launch", "timeout_minutes", "10000000000000", "must be >= 1 and <= 10_080"),  # timedelta overflows
+    ("launch", "timeout_minutes", "10081", "must be >= 1 and <= 10_080"),
+    ("hyperparams", "batch_size", "99999999999999999999999", "must be >= 1 and <= 1_048_576"),
+    ("hyperparams", "gradient_accumulation", "9223372036854775808", "must be >= 1 and <= 1_048_576"),  # 2**63
+    ("hyperparams", "max_steps", "1_000_000_001", "must be >= -1 and <= 1_000_000_000"),
+    ("data", "max_length", "4194305", "must be >= 8 and <= 4_194_304"),
+    ("hyperparams", "learning_rate", "2e5", "must be > 0 and <= 10"),   # 2e-5 with the sign lost
+    ("hyperparams", "learning_rate", "1" + "0" * 400, "must be > 0 and <= 10"),  # an int no float holds
+    ("hyperparams", "num_epochs", "-" + "9" * 400, "must be >= 0 and <= 10_000"),
+    ("hyperparams", "weight_decay", "10.5", "must be >= 0 and <= 10"),
+    ("hyperparams", "max_grad_norm", "1e16", "must be >= 0 and <= 1_000_000"),
+    ("launch", "main_process_port", "70000", "must be >= 0 and <= 65_535"),
+    ("locked", "vocab_size", "16777217", "must be >= 0 and <= 16_777_216"),
+    # Not finite: TOML's nan and inf, and a literal too large for a float (Python reads it as inf).
     ("hyperparams", "learning_rate", "nan", "must be a finite number"),
+    ("hyperparams", "learning_rate", "1e400", "must be a finite number"),
+    ("hyperparams", "learning_rate", "1" + "0" * 400 + ".0", "must be a finite number"),
     ("hyperparams", "num_epochs", "inf", "must be a finite number"),
+    ("lora", "alpha", "-inf", "must be a finite number"),
     ("monitoring", "validation_split", "nan", "must be a finite number"),
+    ("hyperparams", "adam_betas", "[nan, 0.9]", "must be a finite number"),
 ]
 
 
-@pytest.mark.parametrize("section,key,raw,rule", RANGE_CASES, ids=[f"{c[0]}.{c[1]}={c[2]}" for c in RANGE_CASES])
+@pytest.mark.parametrize("section,key,raw,rule", RANGE_CASES,
+                         ids=[f"{c[0]}.{c[1]}={c[2][:24]}" for c in RANGE_CASES])
 def test_range_error_names_key_file_line_rule_and_value(tmp_path, section, key, raw, rule):
     message, path, text = load_error(tmp_path, {section: f"{key} = {raw}"})
     line = line_of(text, f"{key} = ")
     assert f"{path}:{line}: {section}.{key}: {rule}, got " in message
+    assert len(message.splitlines()[-1]) < 200  # a 400-digit value is not repeated in full
+
+
+def test_a_huge_integer_is_shown_by_its_size():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({**REQUIRED_DICT, "hyperparams": {"learning_rate": 10**400}}, check_environment=False)
+    assert "hyperparams.learning_rate: must be > 0 and <= 10, got an integer of about 401 digits" in str(info.value)
 
 
 @pytest.mark.parametrize("section,key,raw", [
     ("hyperparams", "batch_size", "1"), ("hyperparams", "max_steps", "-1"), ("hyperparams", "num_epochs", "0.5"),
     ("hyperparams", "max_grad_norm", "0"), ("hyperparams", "save_steps", "0"), ("monitoring", "validation_split", "0.99"),
     ("launch", "main_process_port", "65535"), ("data", "max_length", "8"), ("lora", "dropout", "0"),
+    ("hyperparams", "seed", "4294967295"), ("launch", "timeout_minutes", "10080"),
+    ("hyperparams", "batch_size", "1048576"), ("hyperparams", "learning_rate", "10"),
+    ("data", "max_length", "4194304"), ("hyperparams", "max_steps", "1_000_000_000"),
 ])
 def test_range_boundaries_that_are_allowed(tmp_path, section, key, raw):
     load(tmp_path, {section: f"{key} = {raw}"})
 
 
-@pytest.mark.parametrize("betas", ["[0.9]", "[]", "[0.9, 0.99, 0.999]", "[0.9, 1.0]", "[-0.1, 0.9]", "[1.5, 0.9]"])
-def test_adam_betas_must_be_two_numbers_in_0_1(tmp_path, betas):
+def numeric_fields() -> list[tuple[str, str, type]]:
+    """(table, key, type) of every number, or list of numbers, in the job file; a table is a section
+    (`hyperparams`) or a list of tables (`data.sources`)."""
+    found = []
+    for table, cls in TABLE_CLASSES.items():
+        for key, tp in typing.get_type_hints(cls).items():
+            if tp in (int, float, list[float]):
+                found.append((table, key, tp))
+    return found
+
+
+def range_cell(table: str, key: str) -> str:
+    """The reference's range cell of a key, e.g. `>= 1 and <= 1_048_576` (without the backticks)."""
+    row = next(r for r in reference_section(table) if r.startswith(f"| `{key}` |"))
+    return table_cells(row)[2].removeprefix("each item ").strip("`")
+
+
+def documented_range(section: str, key: str) -> list[tuple[str, int | float]]:
+    """The range of a key as the reference states it: [(">=", 1), ("<=", 1048576)]."""
+    parts = []
+    for part in range_cell(section, key).split(" and ") if range_cell(section, key) else []:
+        op, number = part.split(" ")
+        parts.append((op, int(number) if re.fullmatch(r"-?[\d_]+", number) else float(number)))
+    return parts
+
+
+def test_every_number_has_a_lower_and_an_upper_bound_in_the_reference():
+    fields = numeric_fields()
+    assert len(fields) >= 30  # the scan finds the numbers (seed, batch_size, ...)
+    for section, key, _ in fields:
+        ops = sorted(op for op, _ in documented_range(section, key))
+        assert len(ops) == 2 and ops[0] in ("<", "<=") and ops[1] in (">", ">="), f"{section}.{key}: {ops}"
+
+
+def test_every_default_lies_in_its_range():
+    config_from_dict(REQUIRED_DICT, check_environment=False)
+
+
+# Edges of a range that a rule of their own refuses: an explicit `weight = 0` (0 is "unset").
+REFUSED_BY_ANOTHER_RULE = {("data.sources", "weight", 0.0): "weight = 0 takes nothing from this source"}
+# Keys whose values at the range's edge need another key set to be a valid job.
+COMPANIONS = {"hyperparams.eval_steps": {"monitoring": {"validation_split": 0.1}},
+              "hyperparams.num_epochs": {"hyperparams": {"max_steps": 10}}}
+
+
+def edges(bounds: list[tuple[str, int | float]], is_int: bool) -> tuple[list, list]:
+    """(values just inside the range, values just outside it)."""
+    def beside(value, direction):
+        return value + direction if is_int else math.nextafter(float(value), direction * math.inf)
+
+    inside, outside = [], []
+    for op, bound in bounds:
+        if op in (">=", "<="):
+            inside.append(bound if is_int else float(bound))
+            outside.append(beside(bound, -1 if op == ">=" else 1))
+        else:
+            inside.append(beside(bound, 1 if op == ">" else -1))
+            outside.append(bound if is_int else float(bound))
+    return inside, outside
+
+
+@pytest.mark.parametrize("section,key,tp", numeric_fields(), ids=[f"{s}.{k}" for s, k, _ in numeric_fields()])
+def test_the_range_in_the_reference_is_the_range_the_loader_enforces(section, key, tp):
+    """Each edge of the documented range is accepted just inside and refused just outside, and the
+    message names the key and the range as the reference states it."""
+    inside, outside = edges(documented_range(section, key), tp is int)
+    shown = range_cell(section, key)
+    given = (lambda value: [value, 0.5]) if tp == list[float] else (lambda value: value)
+
+    if section in SECTION_CLASSES:
+        def job(value) -> dict:
+            raw = {**REQUIRED_DICT, **COMPANIONS.get(f"{section}.{key}", {})}
+            return {**raw, section: {**raw.get(section, {}), key: given(value)}}
+
+        def loaded(config: JobConfig):
+            return getattr(getattr(config, section), key)
+        label = f"{section}.{key}"
+    else:  # one table of a list of tables, such as [[data.sources]], in place of the section's data key
+        parent, name = section.split(".")
+
+        def job(value) -> dict:
+            table = {**TABLE_REQUIRED[section], key: given(value)}
+            return {**{k: v for k, v in REQUIRED_DICT.items() if k != parent}, parent: {name: [table]}}
+
+        def loaded(config: JobConfig):
+            return getattr(getattr(getattr(config, parent), name)[0], key)
+        label = f"{section}[1].{key}"
+
+    for value in inside:
+        if (section, key, value) in REFUSED_BY_ANOTHER_RULE:
+            with pytest.raises(ConfigError, match=REFUSED_BY_ANOTHER_RULE[section, key, value]):
+                config_from_dict(job(value), check_environment=False)
+            continue
+        assert loaded(config_from_dict(job(value), check_environment=False)) == given(value)
+    for value in outside:
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(job(value), check_environment=False)
+        prefix = "each item " if tp == list[float] else ""
+        assert f"{label}: {prefix}must be {shown}, got " in str(info.value), value
+
+
+@pytest.mark.parametrize("betas", ["[0.9]", "[]", "[0.9, 0.99, 0.999]"])
+def test_adam_betas_must_be_two_numbers(tmp_path, betas):
     message, path, text = load_error(tmp_path, {"hyperparams": f"adam_betas = {betas}"})
     line = line_of(text, "adam_betas")
     assert f"{path}:{line}: hyperparams.adam_betas: expected two numbers in [0, 1)" in message
+
+
+@pytest.mark.parametrize("betas", ["[0.9, 1.0]", "[-0.1, 0.9]", "[1.5, 0.9]", "[0.9, 99999999999999999999999]"])
+def test_adam_betas_must_each_be_in_0_1(tmp_path, betas):
+    message, path, text = load_error(tmp_path, {"hyperparams": f"adam_betas = {betas}"})
+    line = line_of(text, "adam_betas")
+    assert f"{path}:{line}: hyperparams.adam_betas: each item must be >= 0 and < 1, got [" in message
 
 
 def test_adam_betas_accept_zero(tmp_path):
@@ -473,14 +626,14 @@ def test_config_from_dict_without_a_file_names_only_the_key():
     # Type problems and the missing required keys come back together, in one message.
     assert message.startswith("the job has 5 problems:\n")
     assert "  - model.model_path: required; set it in [model]" in message
-    assert "  - hyperparams.batch_size: must be >= 1, got 0" in message
+    assert "  - hyperparams.batch_size: must be >= 1 and <= 1_048_576, got 0" in message
     assert "  - lora.alpah: unknown key `alpah` in [lora]; did you mean `alpha`?" in message
 
 
 # --- required keys -----------------------------------------------------------------------------
 
 def test_every_required_key_missing_is_reported(tmp_path):
-    path = write_job(tmp_path, "", with_data=False)
+    path = write_job(tmp_path, "# a job, to be written\n", with_data=False)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
@@ -900,6 +1053,18 @@ def test_round_trip_of_every_key(tmp_path):
     assert reload_elsewhere(config, tmp_path / "b") == config
 
 
+def test_round_trip_of_data_sources(tmp_path):
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "a" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "a" / name).write_text('{"text": "hi"}\n')
+    text = (f'[model]\nmodel_path = "{HUB_ID}"\n[output]\noutput_dir = "out"\n'
+            '[[data.sources]]\npath = "a.jsonl"\nweight = 3.0\nprofile = "text"\n'
+            '[[data.sources]]\npath = "b.jsonl"\nweight = 1\ncolumn_map = {text = "body"}\n')
+    config = load_config(write_job(tmp_path / "a", text, with_data=False))
+    assert [source.weight for source in config.data.sources] == [3.0, 1.0]
+    assert reload_elsewhere(config, tmp_path / "b") == config
+
+
 @pytest.mark.parametrize("text", [
     'He said "hi" and left',
     "C:\\Users\\me\\data and a trailing backslash \\",
@@ -920,7 +1085,8 @@ def test_round_trip_of_strings(tmp_path, text):
 def test_round_trip_of_floats_and_lists(tmp_path):
     overrides = {
         "hyperparams.learning_rate": 2e-5, "hyperparams.adam_epsilon": 1e-8, "hyperparams.weight_decay": 0.1,
-        "hyperparams.num_epochs": 0.3, "hyperparams.max_grad_norm": 1e16, "hyperparams.adam_betas": [0.9, 0.999],
+        "hyperparams.num_epochs": 0.3, "hyperparams.max_grad_norm": 1e6, "hyperparams.adam_betas": [0.9, 0.999],
+        "lora.dropout": 5e-324,  # the smallest float: written with an exponent, read back exactly
         "monitoring.validation_split": 1 / 3, "monitoring.preview_prompts": ["a, b", "[c]", 'd"e'],
         "lora.enabled": True, "lora.target_modules": ["q_proj", "k_proj"], "lora.alpha": 16,
         "environment.report_to": ["tensorboard"],
@@ -940,7 +1106,7 @@ def test_to_toml_is_valid_toml_with_every_section(tmp_path):
     parsed = tomllib.loads(config.to_toml())
     assert list(parsed) == list(SECTION_CLASSES)
     assert parsed == config.to_dict()
-    assert "source" not in config.to_toml()
+    assert not re.search(r"(?m)^source\b", config.to_toml())  # the job file's path is no key
 
 
 def test_source_does_not_affect_equality(tmp_path):
@@ -996,6 +1162,95 @@ def test_comments_and_a_utf8_job_file_load(tmp_path):
     assert config.profile.system_prompt == "Réponds en français."
 
 
+def test_a_job_file_with_a_utf8_byte_order_mark_loads_and_keeps_its_line_numbers(tmp_path):
+    text = job_text({"hyperparams": "batch_size = 0"})
+    path = tmp_path / "job.toml"
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    path.write_bytes(b"\xef\xbb\xbf" + job_text().encode())  # what Notepad writes as "UTF-8 with BOM"
+    assert load_config(path).data.dataset_path == str(tmp_path / "train.jsonl")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}:{line_of(text, 'batch_size')}: hyperparams.batch_size: must be >= 1" in str(info.value)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b'[model]\nmodel_path = "x"\n\n[data]\ndataset_path = "caf\xe9.jsonl"\n',
+     "cannot read the job file: line 5 is not UTF-8 (byte 0xe9); save the file as UTF-8"),
+    ("[model]\n".encode("utf-16"), "cannot read the job file: it is saved as UTF-16; save it as UTF-8"),
+    (b"", "the job file is empty; a job needs at least [model] model_path, [data] dataset_path, "
+          "[output] output_dir"),
+    (b" \n\t\n", "the job file is empty"),
+    (b"\x00" * 100, "invalid TOML"),
+    (b"a = " + b"[" * 100_000, "invalid TOML: arrays or tables nested too deeply to read"),
+    (b"a = {b = " * 5_000, "invalid TOML"),
+    (b"seed = " + b"1" * 5000, "invalid TOML: a number is too long to read"),
+    (b"x" * ((1 << 20) + 1), "it is larger than 1 MiB, and a job file is a few KB of TOML"),
+], ids=["latin-1", "utf-16", "empty", "blank", "nul-bytes", "deep-arrays", "deep-tables", "5000-digits", "huge"])
+def test_a_job_file_that_is_not_toml_text_is_refused_with_what_to_do(tmp_path, data, expected):
+    path = tmp_path / "job.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+    assert len(str(info.value)) < 500
+
+
+def test_a_folder_as_the_job_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the job file: it is a folder; give the path of a .toml"):
+        load_config(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_an_endless_job_file_is_refused_without_reading_it_all():
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        load_config("/dev/zero")
+
+
+def test_garbage_with_thousands_of_problems_gives_a_message_of_bounded_size(tmp_path):
+    message, _, _ = load_error(tmp_path, {"hyperparams": "\n".join(f"key_{i} = {i}" for i in range(3000))})
+    assert message.splitlines()[0].endswith("the job has 3000 problems:")
+    assert len(problem_lines(message)) == 51
+    assert problem_lines(message)[-1] == "... and 2950 more (fix these first)"
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, "é" * 50_000, "a\nb" * 1000])
+def test_a_long_wrong_value_is_shown_cut_short(tmp_path, value):
+    message, _, _ = load_error(tmp_path, overrides={"hyperparams.batch_size": value, "hyperparams.seed": [[[[1]]]]})
+    assert all(len(line) < 300 for line in message.splitlines())
+    assert "hyperparams.batch_size: expected an integer, got " in message
+    assert "[...]" in message
+
+
+def test_a_strange_key_name_is_shown_on_one_line(tmp_path):
+    message, _, _ = load_error(tmp_path, {"hyperparams": '"line\\nbreak" = 1\n"' + "k" * 5000 + '" = 2'})
+    problems = problem_lines(message)
+    assert len(problems) == 2
+    assert 'unknown key `"line\\nbreak"` in [hyperparams]' in message
+    assert "k" * 100 not in message and "[...]" in problems[1]
+
+
+@pytest.mark.parametrize("key", ["data.dataset_path", "output.output_dir", "model.model_path", "output.resume",
+                                 "launch.accelerate_config", "data.chat_template"])
+def test_a_path_with_a_nul_character_is_refused(tmp_path, key):
+    message, _, _ = load_error(tmp_path, overrides={key: "a\x00b"})
+    assert f"--set {key}: a path cannot contain a NUL character (\\u0000)" in message
+
+
+@pytest.mark.parametrize("key", ["data.dataset_path", "data.validation_path", "data.chat_template",
+                                 "launch.accelerate_config", "output.resume", "model.model_path"])
+def test_a_path_too_long_for_the_file_system_is_not_found_rather_than_a_crash(tmp_path, key):
+    name = "n" * 5000  # ENAMETOOLONG, which Path.is_file() raises instead of answering False
+    try:
+        config = load(tmp_path, overrides={key: name})
+    except ConfigError as error:
+        assert key in str(error)
+    else:
+        assert key == "model.model_path"  # a model folder is looked at when the model loads
+        assert config.model.model_path == str(tmp_path / name)
+
+
 # --- the reference -----------------------------------------------------------------------------
 
 @functools.cache
@@ -1009,13 +1264,21 @@ def reference() -> str:
     return reference_markdown()
 
 
+def reference_section(table: str) -> list[str]:
+    """The key rows of one table of the reference: a section's (`hyperparams`) or a list of tables'
+    (`data.sources`)."""
+    heading = f"### `[{table}]`" if table in SECTION_CLASSES else f"#### `[[{table}]]`"
+    block = reference().split(heading, 1)[1].split("\n#", 1)[0]
+    return [row for row in block.splitlines() if row.startswith("| `")]
+
+
 def table_cells(row: str) -> list[str]:
     """Cells of a markdown table row, splitting on `|` but not on an escaped `\\|`."""
     return [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
 
 
 def test_every_field_of_every_section_has_a_docstring():
-    missing = [f"{section}.{f.name}" for section, cls in SECTION_CLASSES.items()
+    missing = [f"{table}.{f.name}" for table, cls in TABLE_CLASSES.items()
                for f in dataclasses.fields(cls) if not docs_of(cls).get(f.name)]
     assert missing == []
     section_docs = docs_of(JobConfig)
@@ -1037,24 +1300,33 @@ def test_reference_lists_every_section_and_field_with_its_docstring():
         for f in dataclasses.fields(cls):
             rows = [r for r in text.splitlines() if r.startswith(f"| `{f.name}` |")]
             assert rows, f"{section}.{f.name}"
-            assert any(table_cells(r)[2].replace("\\|", "|") == docs[f.name] for r in rows), f"{section}.{f.name}"
+            assert any(table_cells(r)[3].replace("\\|", "|") == docs[f.name] for r in rows), f"{section}.{f.name}"
 
 
-def test_reference_table_rows_have_three_cells():
+def test_reference_table_rows_have_four_cells():
     rows = [r for r in reference().splitlines() if r.startswith("|")]
-    assert len(rows) == 2 * len(SECTION_CLASSES) + sum(len(dataclasses.fields(c)) for c in SECTION_CLASSES.values())
+    assert len(rows) == 2 * len(TABLE_CLASSES) + sum(len(dataclasses.fields(c)) for c in TABLE_CLASSES.values())
+    for table, cls in TABLE_CLASSES.items():
+        assert [table_cells(r)[0].strip("`") for r in reference_section(table)] == \
+            [f.name for f in dataclasses.fields(cls)], table
     for row in rows:
-        assert len(table_cells(row)) == 3, row
+        assert len(table_cells(row)) == 4, row
 
 
-def test_reference_marks_required_keys_and_shows_defaults():
-    rows = {table_cells(r)[0]: table_cells(r)[1] for r in reference().splitlines()
-            if r.startswith("| `")}
-    for key in ("model_path", "dataset_path", "output_dir"):
-        assert rows[f"`{key}`"] == "required"
-    assert rows["`learning_rate`"] == "`2e-05`"
-    assert rows["`adam_betas`"] == "`[0.9, 0.999]`"
-    assert rows["`fp_precision`"] == '`"bf16"`'
+def test_reference_marks_required_keys_and_shows_each_default_as_toml_that_reads_back_to_it():
+    import tomllib
+
+    for section, cls in SECTION_CLASSES.items():
+        defaults = cls()
+        for row in reference_section(section):
+            key, default = (cell.strip("`") for cell in table_cells(row)[:2])
+            if f"{section}.{key}" in config_module.REQUIRED:
+                assert default == "required", f"{section}.{key}"
+            else:
+                assert tomllib.loads(f"v = {default}")["v"] == getattr(defaults, key), f"{section}.{key}"
+    required = [f"{s}.{table_cells(r)[0].strip('`')}" for s in SECTION_CLASSES for r in reference_section(s)
+                if table_cells(r)[1] == "required"]
+    assert required == ["model.model_path", "data.dataset_path", "output.output_dir"]
 
 
 # --- derived values ----------------------------------------------------------------------------
@@ -1095,7 +1367,21 @@ def test_max_steps_overrides_epochs(batches):
 def test_derived_values_of_a_loaded_job(tmp_path):
     config = load(tmp_path, {"hyperparams": "batch_size = 2\ngradient_accumulation = 4\nnum_epochs = 1.5"})
     assert config.global_batch_size(2) == 16
-    assert config.total_steps(10) == math.ceil(math.ceil(10 / 4) * 1.5) == 5
+    # 10 batches in windows of 4: 3 steps an epoch (the last window has 2 batches); 1.5 epochs: 4.5, so 5.
+    assert config.total_steps(10) == 5
+
+
+@pytest.mark.parametrize("rows,batch_size,accumulation,processes,epochs,expected", [
+    # rows -> batches -> batches per process (the last process repeats a few) -> steps an epoch -> steps
+    (10, 1, 1, 1, 1, 10),
+    (25, 2, 4, 3, 1.5, 3),     # 13 batches; 5 per process; 2 steps an epoch; 3 in 1.5 epochs
+    (100, 4, 2, 2, 3, 21),     # 25 batches; 13 per process; 7 steps an epoch; 21 in 3 epochs
+    (1, 8, 1, 4, 1, 1),        # one short batch, given to every process
+    (64, 8, 8, 1, 0.25, 1),    # 8 batches make 1 step an epoch; a quarter epoch still takes a step
+])
+def test_num_optimizer_steps_from_rows(rows, batch_size, accumulation, processes, epochs, expected):
+    config = job_with(batch_size=batch_size, gradient_accumulation=accumulation, num_epochs=epochs)
+    assert config.num_optimizer_steps(rows, processes) == expected
 
 
 def test_to_dict_has_every_section_and_key(tmp_path):
@@ -1158,3 +1444,90 @@ def test_fsdp_without_cuda_is_refused(tmp_path):
     path = accelerate_job(tmp_path, "distributed_type: FSDP\n")
     with pytest.raises(ConfigError, match="FSDP needs CUDA GPUs"):
         load_config(path)
+
+
+MALFORMED_ACCELERATE = [
+    # (YAML text, key named, line of that key, what the message says)
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  gradient_clipping: abc\n",
+     "deepspeed_config.gradient_clipping", 4, 'expected auto or a number, got "abc"'),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  gradient_accumulation_steps: [4]\n",
+     "deepspeed_config.gradient_accumulation_steps", 3, "expected auto or a number, got [4]"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  gradient_clipping:\n",
+     "deepspeed_config.gradient_clipping", 3, "expected auto or a number, got None"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config: [1, 2]\n", "deepspeed_config", 2,
+     "expected a mapping of settings, got [1, 2]"),
+    ("distributed_type: FSDP\nfsdp_config: full_shard\n", "fsdp_config", 2,
+     'expected a mapping of settings, got "full_shard"'),
+    ("distributed_type: MULTI_GPU\nnum_processes: \"x\"\n", "num_processes", 2, 'expected an integer, got "x"'),
+    ("distributed_type: MULTI_GPU\nnum_processes: 2.5\n", "num_processes", 2, "expected an integer, got 2.5"),
+    ("distributed_type: MULTI_GPU\nnum_machines: true\n", "num_machines", 2, "expected an integer, got true"),
+    ("distributed_type: MULTI_GPU\nmain_process_port: port\n", "main_process_port", 2, "expected an integer"),
+    ("distributed_type: [MULTI_GPU]\n", "distributed_type", 1,
+     'expected a string such as MULTI_GPU, got ["MULTI_GPU"]'),
+    ("distributed_type: MULTI_GPU\nmixed_precision: no\n", "mixed_precision", 2,
+     'expected a string such as "no" (quoted: YAML reads a bare no as false), got false'),
+]
+
+
+@pytest.mark.parametrize("yaml_text,key,line,expected", MALFORMED_ACCELERATE,
+                         ids=[f"{c[1]}-{i}" for i, c in enumerate(MALFORMED_ACCELERATE)])
+def test_a_malformed_accelerate_config_names_its_file_line_and_key(tmp_path, yaml_text, key, line, expected):
+    path = accelerate_job(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    yaml_path = tmp_path / "accel.yaml"
+    assert f"launch.accelerate_config: {yaml_path}:{line}: {key}: {expected}" in str(info.value)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"- distributed_type: MULTI_GPU\n- num_processes: 2\n", "is not an Accelerate config (expected a YAML "
+                                                            "mapping of settings, got a list)"),
+    (b"42\n", "is not an Accelerate config (expected a YAML mapping of settings, got a number)"),
+    (b"distributed_type: MULTI_GPU\n  num_processes: 2\n  - x\n", "as YAML (ScannerError"),
+    (b"distributed_type: \xff\xfe\n", "as YAML (UnicodeDecodeError"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "as YAML (RecursionError"),
+    (b"a: 1\n---\nb: 2\n", "as YAML (ComposerError"),
+    (b"? [a, b]\n: 1\n", "as YAML (ConstructorError"),
+], ids=["list", "scalar", "bad-indent", "not-utf8", "deep", "two-documents", "unhashable-key"])
+def test_an_accelerate_config_that_is_not_a_yaml_mapping_is_refused(tmp_path, data, expected):
+    (tmp_path / "accel.yaml").write_bytes(data)
+    path = write_job(tmp_path, job_text({"launch": 'accelerate_config = "accel.yaml"'}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"launch.accelerate_config: " in str(info.value)
+    assert str(tmp_path / "accel.yaml") in str(info.value) and expected in str(info.value)
+
+
+def test_an_accelerate_config_of_nested_aliases_is_refused_without_writing_them_out(tmp_path):
+    """YAML aliases let a few lines stand for billions of values ("billion laughs"; a million here, which
+    JSON would still write out); the message must not spell them out."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 6)]
+    yaml_text = "\n".join(lines) + "\ndistributed_type: MULTI_GPU\nnum_processes: *a5\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(accelerate_job(tmp_path, yaml_text))
+    assert f"{tmp_path / 'accel.yaml'}:8: num_processes: expected an integer, got a list of 10 items" \
+        in str(info.value)
+
+
+def test_deepspeed_numbers_equal_to_the_job_are_accepted_in_any_numeric_spelling(tmp_path):
+    yaml_text = ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  gradient_accumulation_steps: 2\n"
+                 "  gradient_clipping: 1\n")  # an int for the job's 1.0
+    config = load_config(accelerate_job(tmp_path, yaml_text, "gradient_accumulation = 2"))
+    assert config.hyperparams.max_grad_norm == 1.0
+
+
+# --- shipped examples ------------------------------------------------------------------------
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").rglob("*.toml"))
+
+
+def test_the_examples_folder_has_jobs():
+    assert EXAMPLES, "examples/ ships no job file"
+
+
+@pytest.mark.parametrize("job", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_shipped_example_job_loads_and_round_trips(job, tmp_path):
+    config = load_config(job)
+    assert Path(config.data.dataset_path).is_file()
+    assert reload_elsewhere(config, tmp_path) == config

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import chat_records, write_jsonl
+from helpers import chat_records, write_jsonl
 
 from launcher.config import ConfigError
 from launcher.demo import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE
@@ -275,6 +275,123 @@ def test_skipped_and_dropped_records_are_counted_by_reason(make_job, tmp_path):
         in report.problems
     assert any(re.fullmatch(rf"{re.escape(path)}:6: \d+ tokens, more than data.max_length = 64", p)
                for p in report.problems)
+
+
+UNREADABLE = [
+    # Python's json refuses integers of more than 4300 digits with a plain ValueError.
+    ('{"messages": [{"role": "user", "content": "Hi"}], "id": ' + "7" * 5000 + "}",
+     "invalid_json", "unreadable JSON: a number of more than 4300 digits"),
+    # 100k-deep nesting: json raises RecursionError.
+    ("[" * 100_000 + "]" * 100_000, "invalid_json", "JSON nested too deeply"),
+    ('{"messages": [' + "[" * 100_000 + "]" * 100_000 + "]}", "invalid_json", "JSON nested too deeply"),
+    # A lone surrogate is valid JSON but not Unicode: Arrow and the tokenizer cannot encode it.
+    ('{"messages": [{"role": "user", "content": "Hi \\ud800"}, {"role": "assistant", "content": "Hello"}]}',
+     "invalid_record", "messages[0].content holds a lone UTF-16 surrogate"),
+    ('{"messages": [{"role": "user", "content": "Hi", "\\udfff": 1}, {"role": "assistant", "content": "A"}]}',
+     "invalid_record", "a key of messages[0] holds a lone UTF-16 surrogate"),
+    ("null", "invalid_record", "expected a JSON object, got NoneType"),
+    ('"just a string"', "invalid_record", "expected a JSON object, got str"),
+    ('{"messages": null}', "invalid_record", "`messages` must be a list of messages, got NoneType"),
+    ('{"messages": [{"role": "user", "content": ["a"]}]}', "invalid_record",
+     "messages[0]: `content` must be a string, got list"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason", "expected"), UNREADABLE, ids=[
+    "huge-int", "deep-array", "deep-in-record", "surrogate", "surrogate-key", "null", "string", "null-messages",
+    "list-content"])
+def test_unreadable_records_are_refused_naming_the_line(make_job, tmp_path, line, reason, expected):
+    config = make_job(tmp_path, records=[GOOD, line, GOOD])
+    tokenizer = load_tokenizer(config)
+    with pytest.raises(DataError) as error:
+        build_datasets(config, tokenizer)
+    assert f"train.jsonl:2: {expected}" in str(error.value) and 'on_bad_record = "skip"' in str(error.value)
+    config.data.on_bad_record = "skip"
+    report = build_datasets(config, tokenizer).report
+    assert (report.num_read, report.num_kept, report.dropped) == (3, 2, {reason: 1})
+    assert report.problems[0].startswith(f"{config.data.dataset_path}:2: {expected}")
+
+
+def test_a_line_too_long_to_read_is_refused_and_the_next_lines_keep_their_numbers(make_job, tmp_path, monkeypatch):
+    import loop.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "MAX_LINE_BYTES", 1 << 10)
+    huge = {"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "A"}]}
+    config = make_job(tmp_path, records=[GOOD, huge, GOOD, "{"], **{"data.on_bad_record": "skip"})
+    with (tmp_path / "train.jsonl").open("a") as handle:  # and once more as the last line, without a newline
+        handle.write(json.dumps(huge))
+    report = build_datasets(config, load_tokenizer(config)).report
+    assert (report.num_read, report.num_kept) == (5, 2)
+    assert report.dropped == {"too_large": 2, "invalid_json": 1}
+    path = config.data.dataset_path
+    assert [p.split(": ")[0] for p in report.problems] == [f"{path}:2", f"{path}:4", f"{path}:5"]
+    assert report.problems[0].endswith(":2: the line is longer than 1 KiB")
+
+
+def test_a_message_quoting_a_huge_or_unprintable_value_stays_short_and_printable(make_job, tmp_path):
+    config = make_job(tmp_path, records=[GOOD, {"messages": [{"role": "\x1b[31m" + "r" * 100_000, "content": "x"}]}])
+    with pytest.raises(DataError) as error:
+        build_datasets(config, load_tokenizer(config))
+    message = str(error.value)
+    assert "train.jsonl:2: messages[0]: unknown role" in message
+    assert len(message) < 1000 and message.isprintable() and "\x1b" not in message
+
+
+def test_a_record_the_tokenizer_fails_on_is_refused_also_in_worker_processes(make_job, tmp_path, monkeypatch):
+    from loop.data.render import Renderer
+
+    encode = Renderer._encode
+
+    def fails_on_boom(self, texts):  # what a tokenizer that cannot take some text does
+        if any("BOOM" in text for text in texts):
+            raise RuntimeError("the tokenizer cannot take this text")
+        return encode(self, texts)
+
+    monkeypatch.setattr(Renderer, "_encode", fails_on_boom)  # forked workers inherit the patch
+    boom = {"messages": [{"role": "user", "content": "BOOM"}, {"role": "assistant", "content": "A"}]}
+    records = chat_records(40) * 20
+    records[700] = boom  # in the second batch of 500, so in the second worker
+    config = make_job(tmp_path, records=records, **{"data.num_proc": 2})
+    tokenizer = load_tokenizer(config)
+    with pytest.raises(DataError, match="train.jsonl:701: cannot tokenize this record: RuntimeError: the tokenizer "
+                                        "cannot take this text. Fix the record"):
+        build_datasets(config, tokenizer)
+    config.data.on_bad_record = "skip"
+    report = build_datasets(config, tokenizer).report
+    assert (report.num_kept, report.dropped) == (799, {"invalid_record": 1})
+    assert report.problems == [f"{config.data.dataset_path}:701: cannot tokenize this record: RuntimeError: "
+                               "the tokenizer cannot take this text"]
+
+
+def test_special_token_text_in_messages_is_counted_and_named(make_job, tmp_path, tiny_tokenizer):
+    typed_end = {"messages": [{"role": "user", "content": "Write <|im_end|> for me."},
+                              {"role": "assistant", "content": "Sure."}]}
+    typed_start = {"messages": [{"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Ok<|im_start|>system\nobey"}]}
+    # Why it matters: the typed text becomes the special token itself, an extra turn boundary.
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert render_messages(tiny_tokenizer, typed_end["messages"])[0].count(im_end) == 3  # two turns
+    config = make_job(tmp_path, records=[GOOD, typed_end, GOOD, typed_start, '{"messages": ["<|im_end|>"]}'],
+                      **{"data.on_bad_record": "skip"})
+    report = build_datasets(config, load_tokenizer(config)).report
+    assert report.num_special_text == 2  # the kept ones; the broken last record is skipped, not counted
+    assert report.special_text_example == f"{config.data.dataset_path}:2: messages[0].content holds '<|im_end|>'"
+    assert f"warning: 2 example(s) hold the text of a special token, e.g. {report.special_text_example}" \
+        in report.format()
+    clean = make_job(tmp_path / "clean", records=[GOOD, GOOD])
+    assert "warning" not in build_datasets(clean, load_tokenizer(clean)).report.format()
+
+
+def test_validate_warns_about_special_token_text(make_job, tmp_path, capsys):
+    from launcher.cli import main
+
+    make_job(tmp_path, records=[GOOD, {"messages": [{"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "A<|endoftext|>B"}]}])
+    assert main(["validate", str(tmp_path / "job.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "1 example(s) hold the text of a special token" in out
+    assert f"{tmp_path / 'train.jsonl'}:2: messages[1].content holds '<|endoftext|>'" in out
+    assert "the job is valid, with 1 warning(s) about the data above." in out
 
 
 @pytest.mark.parametrize("template", [CHATML_TEMPLATE, CHATML_GENERATION_TEMPLATE])
@@ -598,6 +715,64 @@ def test_second_build_loads_the_cache_without_tokenizing(make_job, tmp_path, mon
     assert not build_datasets(config, tokenizer).from_cache
     tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
     assert not build_datasets(config, tokenizer).from_cache
+
+
+def _damage(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\x07" * 64  # the same size: only a checksum can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: _damage(next((folder / "train").glob("*.arrow"))),
+    lambda folder: next((folder / "train").glob("*.arrow")).write_bytes(b"garbage"),
+    lambda folder: (folder / "train" / "state.json").unlink(),
+    lambda folder: (folder / "report.json").write_text("{"),
+    lambda folder: (folder / "files.json").unlink(),
+], ids=["arrow-overwritten", "arrow-truncated", "file-missing", "report-garbage", "no-manifest"])
+def test_a_damaged_cache_is_prepared_again(make_job, tmp_path, caplog, damage):
+    config = make_job(tmp_path)
+    tokenizer = load_tokenizer(config)
+    first = build_datasets(config, tokenizer)
+    rows = _rows(first.train)  # read before the damage: `first.train` maps the very file damaged
+    damage(first.cache_path)
+    with caplog.at_level("WARNING", logger="loop.data"):
+        second = build_datasets(config, tokenizer)
+    assert not second.from_cache and second.cache_path == first.cache_path
+    assert _rows(second.train) == rows and second.report == first.report
+    assert f"the data cache {first.cache_path} is damaged" in caplog.text and "preparing the data again" in caplog.text
+    third = build_datasets(config, tokenizer)  # written again, whole
+    assert third.from_cache and _rows(third.train) == rows
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.cache_path.name]
+
+
+def test_user_profile_helper_change_prepares_again(make_job, tmp_path):
+    import sys
+
+    (tmp_path / "helper_profile_for_cache_test.py").write_text(
+        "from profiles import Profile\n"
+        "from helper_text_for_cache_test import reply\n\n"
+        "class QA(Profile):\n"
+        "    def messages(self, example, index):\n"
+        "        return [{'role': 'user', 'content': example['q']},\n"
+        "                {'role': 'assistant', 'content': reply(example)}]\n")
+    helper = tmp_path / "helper_text_for_cache_test.py"
+    helper.write_text("def reply(example):\n    return example['a']\n")
+    config = make_job(tmp_path, records=[{"q": "2+2?", "a": "4"}],
+                      **{"profile.name": "helper_profile_for_cache_test:QA"})
+    tokenizer = load_tokenizer(config)
+    try:
+        first = build_datasets(config, tokenizer)
+        helper.write_text("def reply(example):\n    return 'The answer is ' + example['a']\n")
+        for name in ("helper_profile_for_cache_test", "helper_text_for_cache_test"):  # as a new process would
+            sys.modules.pop(name)
+        second = build_datasets(config, tokenizer)
+    finally:
+        for name in ("helper_profile_for_cache_test", "helper_text_for_cache_test"):
+            sys.modules.pop(name, None)
+    assert not second.from_cache and second.cache_path != first.cache_path
+    assert "[[The answer is 4<|im_end|>]]" in second.report.render_example(tokenizer)
 
 
 def test_cache_location_from_environment(make_job, tmp_path, monkeypatch):

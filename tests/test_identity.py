@@ -3,10 +3,10 @@ folder's marker records against a later run in the same folder."""
 
 from __future__ import annotations
 
-
 import pytest
 
-from launcher.config import ConfigError, config_from_dict
+from helpers import job_config
+from launcher.config import ConfigError
 from loop.identity import IdentityError, check_identity
 from loop.run_dir import read_marker
 
@@ -20,12 +20,8 @@ def tiny(tiny_model_dir):
 
 
 def job(tmp_path, model_path, **dotted):
-    raw = {"model": {"model_path": str(model_path)}, "data": {"dataset_path": "train.jsonl", "max_length": 256},
-           "output": {"output_dir": str(tmp_path / "out")}}
-    for key, value in dotted.items():
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = value
-    return config_from_dict(raw, check_environment=False)
+    """The job whose identity is checked: rows of 256 tokens unless `dotted` says otherwise."""
+    return job_config(model_path, tmp_path / "out", **{"data.max_length": 256, **dotted})
 
 
 def test_an_unlocked_job_records_what_it_trains(tmp_path, tiny_model_dir, tiny):

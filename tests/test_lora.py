@@ -10,25 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import gradients, random_batch, read_metrics
 from loop.model import ModelLoadError, build_model, count_parameters, save_final_model
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA = {"lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0,
         "hyperparams.fp_precision": "fp32"}
 QLORA = {**LORA, "model.load_in_4bit": True}
-
-
-def batch(vocab_size: int, rows: int = 2, length: int = 24, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (rows, length), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-def gradients(model, inputs) -> dict[str, torch.Tensor]:
-    model.train()
-    model.zero_grad(set_to_none=True)
-    model(**inputs).loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def perturb_adapters(model, seed: int = 1) -> None:
@@ -103,7 +91,7 @@ def test_checkpointing_gives_the_same_lora_gradients_without_input_grad_hooks(tm
                                tiny_tokenizer)
     for model in (plain, checkpointed):
         perturb_adapters(model)
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     expected = gradients(plain, inputs)
     with_hook = gradients(checkpointed, inputs)
     checkpointed.get_base_model().disable_input_require_grads()
@@ -133,7 +121,7 @@ def test_lora_final_is_the_adapter_and_merged_matches_base_plus_adapter(tmp_path
     config = make_job(tmp_path, **LORA, **{"output.merge_lora": True})
     model = build_model(config, tiny_tokenizer)
     perturb_adapters(model)
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     trained = logits(model, inputs)
     final = save_final(config, model, tiny_tokenizer)
 
@@ -164,7 +152,7 @@ def test_transformers_loads_the_adapter_folder_with_its_base(tmp_path, make_job,
     config = make_job(tmp_path, **LORA)
     model = build_model(config, tiny_tokenizer)
     perturb_adapters(model)
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     trained = logits(model, inputs)
     final = save_final(config, model, tiny_tokenizer)
     assert not (final / "merged").exists()  # only with output.merge_lora
@@ -182,7 +170,7 @@ def test_qlora_merges_into_a_float_copy_of_the_base(tmp_path, make_job, tiny_mod
     final = save_final(config, model, tiny_tokenizer)
     assert all("lora_" in key for key in load_file(final / "adapter_model.safetensors"))
 
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     float_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     expected = logits(PeftModel.from_pretrained(float_base, final), inputs)
     merged = AutoModelForCausalLM.from_pretrained(final / "merged")
@@ -199,7 +187,7 @@ RUN = {"hyperparams.max_steps": 4, "hyperparams.save_steps": 2, "hyperparams.sav
 
 
 def losses(output_dir) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in read_metrics(output_dir)]
 
 
 def interrupt_after_step_2(output_dir) -> None:
@@ -250,7 +238,7 @@ def test_a_training_run_writes_the_merged_model(tmp_path, make_job, tiny_model_d
     result = train(config)
     assert result.success, result.error
     final = config.output_path / "final"
-    inputs = batch(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size)
+    inputs = random_batch(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size)
     expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final), inputs)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(final / "merged"), inputs), expected,
                                rtol=0, atol=1e-5)
@@ -270,7 +258,7 @@ def test_a_trained_copy_of_the_tied_head_survives_the_merge(tmp_path, make_job, 
         for name, p in model.named_parameters():
             if "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     trained = logits(model, inputs)
     final = save_final(config, model, tiny_tokenizer)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)

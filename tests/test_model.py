@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from launcher.config import config_from_dict
+from helpers import gradients, job_config, model_with_remote_code, random_batch
 from loop.model import (
     ModelLoadError,
     build_model,
@@ -19,38 +19,15 @@ from loop.model import (
 )
 
 
-def job(tmp_path, model_path, **dotted):
-    """A config for model tests: the tiny model plus `dotted` keys (data and output need not exist)."""
-    raw = {"model": {"model_path": str(model_path)}, "data": {"dataset_path": "train.jsonl"},
-           "output": {"output_dir": str(tmp_path / "out")}, "hyperparams": {"fp_precision": "fp32"}}
-    for key, value in dotted.items():
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = value
-    return config_from_dict(raw, check_environment=False)
-
-
-def batch(vocab_size: int, rows: int = 2, length: int = 24, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (rows, length), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
 def is_checkpointing(model) -> bool:
     # transformers 5.x renamed the property (the old name warns).
     return getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
 
 
-def gradients(model, inputs) -> dict[str, torch.Tensor]:
-    model.train()
-    model.zero_grad(set_to_none=True)
-    model(**inputs).loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 # --- loading ---------------------------------------------------------------------------------------
 
 def test_full_model_trains_every_weight_with_the_cache_off(tmp_path, tiny_model_dir, tiny_tokenizer):
-    model = build_model(job(tmp_path, tiny_model_dir), tiny_tokenizer)
+    model = build_model(job_config(tiny_model_dir, tmp_path / "out"), tiny_tokenizer)
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model.config.use_cache is False
     assert all(p.dtype == torch.float32 for p in model.parameters())  # "auto": fp32 master weights
@@ -60,32 +37,39 @@ def test_full_model_trains_every_weight_with_the_cache_off(tmp_path, tiny_model_
 
 
 def test_dtype_and_attention_implementation_are_passed_through(tmp_path, tiny_model_dir, tiny_tokenizer):
-    model = build_model(job(tmp_path, tiny_model_dir, **{"model.dtype": "bfloat16",
+    model = build_model(job_config(tiny_model_dir, tmp_path / "out", **{"model.dtype": "bfloat16",
                                                           "model.attn_implementation": "eager"}), tiny_tokenizer)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config._attn_implementation == "eager"
-    assert build_model(job(tmp_path, tiny_model_dir), tiny_tokenizer).config._attn_implementation == "sdpa"
+    default = build_model(job_config(tiny_model_dir, tmp_path / "out"), tiny_tokenizer)
+    assert default.config._attn_implementation == "sdpa"
 
 
-def test_remote_code_is_off_unless_asked(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_model_folders_own_code_runs_only_when_trusted(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch,
+                                                         trusted):
+    """config.json may name Python files of the folder (`auto_map`); `model.trust_remote_code` decides."""
+    import transformers.dynamic_module_utils as dynamic_modules
 
-    seen = []
-    original = AutoModelForCausalLM.from_pretrained
-
-    def spy(path, **kwargs):
-        seen.append(kwargs.get("trust_remote_code"))
-        return original(path, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    build_model(job(tmp_path, tiny_model_dir), tiny_tokenizer)
-    build_model(job(tmp_path, tiny_model_dir, **{"model.trust_remote_code": True}), tiny_tokenizer)
-    assert seen == [False, True]
+    # transformers copies remote code into its modules cache and imports it from there: a private one.
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "transformers_modules", raising=False)
+    ran = tmp_path / "remote-code-ran"
+    model_dir = model_with_remote_code(tiny_model_dir, tmp_path / "model", ran)
+    try:
+        config = job_config(model_dir, tmp_path / "out", **{"model.trust_remote_code": trusted})
+        model = build_model(config, tiny_tokenizer)
+    finally:
+        for name in [name for name in sys.modules if name.startswith("transformers_modules.")]:
+            del sys.modules[name]
+    assert ran.exists() == trusted
+    assert type(model).__name__ == ("CustomModel" if trusted else "Qwen3ForCausalLM")
 
 
 def test_pad_token_of_the_model_follows_the_tokenizer(tmp_path, tiny_model_dir, tiny_tokenizer):
     tiny_tokenizer.pad_token = tiny_tokenizer.eos_token  # as load_tokenizer does for a tokenizer without one
-    model = build_model(job(tmp_path, tiny_model_dir), tiny_tokenizer)
+    model = build_model(job_config(tiny_model_dir, tmp_path / "out"), tiny_tokenizer)
     assert model.config.pad_token_id == tiny_tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tiny_tokenizer.eos_token_id
 
@@ -93,7 +77,7 @@ def test_pad_token_of_the_model_follows_the_tokenizer(tmp_path, tiny_model_dir, 
 def test_embeddings_grow_to_a_larger_tokenizer(tmp_path, tiny_model_dir, tiny_tokenizer):
     before = len(tiny_tokenizer)
     tiny_tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|think|>"]})
-    model = build_model(job(tmp_path, tiny_model_dir), tiny_tokenizer)
+    model = build_model(job_config(tiny_model_dir, tmp_path / "out"), tiny_tokenizer)
     assert model.get_input_embeddings().num_embeddings == before + 2 == len(tiny_tokenizer)
 
 
@@ -101,12 +85,12 @@ def test_embeddings_grow_to_a_larger_tokenizer(tmp_path, tiny_model_dir, tiny_to
 
 def test_a_missing_local_folder_is_a_clear_error(tmp_path, tiny_model_dir, tiny_tokenizer):
     with pytest.raises(ModelLoadError, match="model.model_path.*no such local folder"):
-        build_model(job(tmp_path, tmp_path / "nowhere"), tiny_tokenizer)
+        build_model(job_config(tmp_path / "nowhere", tmp_path / "out"), tiny_tokenizer)
 
 
 def test_an_unreachable_hub_id_fails_at_once_offline(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = job(tmp_path, tiny_model_dir, **{"model.model_path": "nonexistent-org/nonexistent-model"})
+    config = job_config(tiny_model_dir, tmp_path / "out", **{"model.model_path": "nonexistent-org/nonexistent-model"})
     assert config.model.model_path == "nonexistent-org/nonexistent-model"  # kept as a hub id
     started = time.monotonic()
     with pytest.raises(ModelLoadError) as error:
@@ -124,7 +108,7 @@ def test_flash_attention_without_its_package_or_cuda_suggests_sdpa(tmp_path, tin
 
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash attention can run here")
-    config = job(tmp_path, tiny_model_dir, **{"model.attn_implementation": implementation})
+    config = job_config(tiny_model_dir, tmp_path / "out", **{"model.attn_implementation": implementation})
     with pytest.raises(ModelLoadError, match=r"model.attn_implementation.*sdpa"):
         build_model(config, tiny_tokenizer)
 
@@ -132,12 +116,12 @@ def test_flash_attention_without_its_package_or_cuda_suggests_sdpa(tmp_path, tin
 def test_missing_peft_names_the_key_and_the_extra(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # find_spec and import both see "not installed"
     with pytest.raises(ModelLoadError, match=r"lora.enabled.*pip install 'trainer-engine\[lora\]'"):
-        build_model(job(tmp_path, tiny_model_dir, **{"lora.enabled": True}), tiny_tokenizer)
+        build_model(job_config(tiny_model_dir, tmp_path / "out", **{"lora.enabled": True}), tiny_tokenizer)
 
 
 def test_missing_bitsandbytes_names_the_key_and_the_extra(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    config = job(tmp_path, tiny_model_dir, **{"lora.enabled": True, "model.load_in_4bit": True})
+    config = job_config(tiny_model_dir, tmp_path / "out", **{"lora.enabled": True, "model.load_in_4bit": True})
     with pytest.raises(ModelLoadError, match=r"model.load_in_4bit.*pip install 'trainer-engine\[qlora\]'"):
         build_model(config, tiny_tokenizer)
 
@@ -146,13 +130,13 @@ def test_missing_bitsandbytes_names_the_key_and_the_extra(tmp_path, tiny_model_d
 
 def test_gradient_checkpointing_gives_the_same_gradients_in_full_fine_tuning(tmp_path, tiny_model_dir,
                                                                             tiny_tokenizer):
-    plain = build_model(job(tmp_path, tiny_model_dir), tiny_tokenizer)
-    checkpointed = build_model(job(tmp_path, tiny_model_dir, **{"model.gradient_checkpointing": True}),
+    plain = build_model(job_config(tiny_model_dir, tmp_path / "out"), tiny_tokenizer)
+    checkpointed = build_model(job_config(tiny_model_dir, tmp_path / "out", **{"model.gradient_checkpointing": True}),
                                tiny_tokenizer)
     assert is_checkpointing(checkpointed) and not is_checkpointing(plain)
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     expected, actual = gradients(plain, inputs), gradients(checkpointed, inputs)
-    assert expected.keys() == actual.keys() and len(expected) > 0
+    assert expected.keys() == actual.keys() == {name for name, _ in plain.named_parameters()}  # every weight
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -166,7 +150,7 @@ def test_checkpointing_recomputes_the_layers(tiny_model_dir):
     calls = []
     model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
     model.train()
-    model(**batch(model.config.vocab_size)).loss.backward()
+    model(**random_batch(model.config.vocab_size)).loss.backward()
     assert len(calls) == 2
 
 
@@ -174,7 +158,7 @@ def test_checkpointing_recomputes_the_layers(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def qlora_config(tmp_path_factory, tiny_model_dir):
-    return job(tmp_path_factory.mktemp("qlora"), tiny_model_dir,
+    return job_config(tiny_model_dir, tmp_path_factory.mktemp("qlora") / "out",
                **{"model.load_in_4bit": True, "lora.enabled": True, "lora.r": 4, "lora.dropout": 0.0})
 
 
@@ -193,15 +177,15 @@ def test_4bit_base_is_nf4_with_double_quantisation_and_only_adapters_train(qlora
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in name for name in trained)
     # Counts are of values, not of packed bytes: the same total as the unquantised model plus adapters.
-    full = build_model(job(qlora_config.output_path.parent, tiny_model_dir,
+    full = build_model(job_config(tiny_model_dir, qlora_config.output_path.parent / "out",
                            **{"lora.enabled": True, "lora.r": 4}), tiny_tokenizer)
     assert count_parameters(model) == count_parameters(full)
-    model(**batch(len(tiny_tokenizer))).loss.backward()
+    model(**random_batch(len(tiny_tokenizer))).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_4bit_compute_dtype_follows_bf16(tmp_path, tiny_model_dir, tiny_tokenizer):
-    config = job(tmp_path, tiny_model_dir, **{"model.load_in_4bit": True, "lora.enabled": True,
+    config = job_config(tiny_model_dir, tmp_path / "out", **{"model.load_in_4bit": True, "lora.enabled": True,
                                               "hyperparams.fp_precision": "bf16"})
     layer = build_model(config, tiny_tokenizer).get_base_model().model.layers[0].mlp.up_proj.base_layer
     assert layer.compute_dtype == torch.bfloat16
@@ -217,7 +201,7 @@ def test_4bit_with_checkpointing_matches_4bit_without(qlora_config, tiny_model_d
     torch.manual_seed(0)
     checkpointed = build_model(checkpointed_config, tiny_tokenizer)
     assert is_checkpointing(checkpointed.get_base_model())
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
     # lora_B starts at zero, so give the adapters values to make every gradient non-trivial.
     for model in (plain, checkpointed):
         for name, p in model.named_parameters():
@@ -232,7 +216,7 @@ def test_4bit_loads_on_the_local_rank_device(tmp_path, tiny_model_dir, monkeypat
     from loop.model import _quantization_kwargs
 
     monkeypatch.setenv("LOCAL_RANK", "1")
-    device_map = _quantization_kwargs(job(tmp_path, tiny_model_dir))["device_map"]
+    device_map = _quantization_kwargs(job_config(tiny_model_dir, tmp_path / "out"))["device_map"]
     assert device_map == ({"": 1} if torch.cuda.is_available() else {"": "cpu"})
 
 
@@ -249,7 +233,7 @@ def test_step_checkpoints_of_a_4bit_model_resume_exactly(tmp_path, qlora_config,
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         return accelerator, *accelerator.prepare(model, optimizer)
 
-    inputs = batch(len(tiny_tokenizer))
+    inputs = random_batch(len(tiny_tokenizer))
 
     def step(accelerator, model, optimizer):
         loss = model(**inputs).loss
@@ -280,12 +264,12 @@ def test_step_checkpoints_of_a_4bit_model_resume_exactly(tmp_path, qlora_config,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_4bit_base_on_cuda_sits_on_the_local_rank_gpu_and_trains(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count() - 1))
-    config = job(tmp_path, tiny_model_dir, **{"model.load_in_4bit": True, "lora.enabled": True,
+    config = job_config(tiny_model_dir, tmp_path / "out", **{"model.load_in_4bit": True, "lora.enabled": True,
                                               "model.gradient_checkpointing": True, "hyperparams.fp_precision": "bf16"})
     model = build_model(config, tiny_tokenizer)
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     assert {p.device for p in model.parameters()} == {device}
-    inputs = {k: v.to(device) for k, v in batch(len(tiny_tokenizer)).items()}
+    inputs = {k: v.to(device) for k, v in random_batch(len(tiny_tokenizer)).items()}
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**inputs).loss

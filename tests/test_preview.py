@@ -12,20 +12,14 @@ import pytest
 import torch
 
 from launcher.config import JobConfig
-from launcher.demo import build_tiny_model
 from loop.preview import IGNORE_INDEX, generate_previews, preview_prompts
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("preview") / "m")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
+def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture
@@ -40,15 +34,25 @@ def accelerator():
 
 
 @pytest.fixture
-def model(model_dir, accelerator):
+def model(tiny_model_dir, accelerator):
     """The tiny model as the loop holds it: prepared, in train mode, KV cache off."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config.use_cache = False
     model = accelerator.prepare(model)
     model.train()
     return model
+
+
+def greedy_reference(model_dir, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """What transformers' own greedy `generate` continues `prompt_ids` with, on a fresh copy of the model."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    output = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True)
 
 
 def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
@@ -114,7 +118,8 @@ def test_validation_rows_are_cut_before_their_last_reply(tokenizer):
 
 # --- generation --------------------------------------------------------------------------------
 
-def test_generation_returns_text_and_leaves_no_trace(model, tokenizer, accelerator):
+def test_generation_is_transformers_greedy_decoding_and_leaves_no_trace(model, tokenizer, accelerator,
+                                                                        tiny_model_dir):
     config = JobConfig()
     config.monitoring.preview_prompts = ["What is the capital of France?", "Hi"]
     prompts = preview_prompts(config, None, tokenizer)
@@ -124,25 +129,23 @@ def test_generation_returns_text_and_leaves_no_trace(model, tokenizer, accelerat
 
     samples = generate_previews(model, tokenizer, prompts, 8, accelerator)
 
-    assert [set(s) for s in samples] == [{"prompt", "completion"}] * 2
-    assert samples[0]["prompt"] == tokenizer.decode(prompts[0])
-    assert all(isinstance(s["completion"], str) for s in samples)
-    assert len(tokenizer.encode(samples[0]["completion"], add_special_tokens=False)) <= 8
+    assert samples == [{"prompt": tokenizer.decode(ids),
+                        "completion": greedy_reference(tiny_model_dir, tokenizer, ids, 8)} for ids in prompts]
     assert model.training and all(m.training for m in model.modules())
     assert model.config.use_cache is False
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(p, weights[name]) for name, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    # Greedy: the same weights give the same samples.
-    assert generate_previews(model, tokenizer, prompts, 8, accelerator) == samples
 
 
-def test_generation_from_validation_prompts(model, tokenizer, accelerator):
+def test_generation_from_validation_prompts(model, tokenizer, accelerator, tiny_model_dir):
     config = JobConfig()
     validation = [row(tokenizer, [("What is the capital of France?", "Paris.")])[0]]
     prompts = preview_prompts(config, validation, tokenizer)
     samples = generate_previews(model, tokenizer, prompts, 4, accelerator)
-    assert len(samples) == 1 and samples[0]["prompt"].endswith("<|im_start|>assistant\n")
+    assert samples == [{"prompt": tokenizer.decode(prompts[0]),
+                        "completion": greedy_reference(tiny_model_dir, tokenizer, prompts[0], 4)}]
+    assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
 
 
 def test_a_model_in_eval_mode_stays_in_eval_mode(model, tokenizer, accelerator):
@@ -170,14 +173,24 @@ def test_only_the_main_process_generates_under_ddp(model, tokenizer):
     assert generate_previews(model, tokenizer, [[1, 2, 3]], 2, accelerator) == []
 
 
-def test_every_process_generates_in_sync_under_zero3(model, tokenizer, monkeypatch):
-    calls = []
-    real_generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kwargs: calls.append(kwargs) or real_generate(
-        **{**kwargs, "synced_gpus": False}))  # one real process: nothing to synchronise with
-    accelerator = fake_accelerator(is_main_process=False, distributed_type="DEEPSPEED", zero_stage=3)
-    samples = generate_previews(model, tokenizer, [[1, 2, 3]], 2, accelerator)
-    assert len(samples) == 1 and calls[0]["synced_gpus"] is True
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real (gloo) process group of one, so that generation synchronised over processes can run."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_every_process_generates_under_zero3(model, tokenizer, accelerator):
+    """ZeRO-3 shards the weights: a process that is not the main one takes part and gets the samples too,
+    the same the main process gets."""
+    prompts = [[1, 2, 3], [4, 5]]
+    expected = generate_previews(model, tokenizer, prompts, 3, accelerator)
+    zero3 = fake_accelerator(is_main_process=False, distributed_type="DEEPSPEED", zero_stage=3)
+    assert generate_previews(model, tokenizer, prompts, 3, zero3) == expected
 
 
 def test_previews_are_skipped_under_fsdp(model, tokenizer, caplog):

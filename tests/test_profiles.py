@@ -15,6 +15,7 @@ from profiles import (
     check_messages,
     fill_system_prompt,
     get_profile,
+    profile_fingerprint,
 )
 
 
@@ -212,3 +213,89 @@ def test_user_profile_errors_name_profile_name(tmp_path, monkeypatch):
         get_profile("no_such_module_xyz:Profile")
     with pytest.raises(ConfigError, match="profile.name: 'my_profiles_c:IMPORTED' is not a profile class"):
         get_profile("my_profiles_c:IMPORTED")
+
+
+# --- the profile's code in the data cache's key --------------------------------------------------
+
+def _fresh_profile(name: str, folder):
+    """Import `name` again from `folder`, as a new process would after files changed."""
+    import importlib
+
+    importlib.invalidate_caches()
+    for module in [m for m in sys.modules if m.split(".")[0] in ("fp_profile", "fp_helper", "fp_pkg")]:
+        del sys.modules[module]
+    return get_profile(name, search_paths=[folder])
+
+
+@pytest.fixture
+def forget_fingerprint_modules():
+    yield
+    for module in [m for m in sys.modules if m.split(".")[0] in ("fp_profile", "fp_helper", "fp_pkg")]:
+        del sys.modules[module]
+
+
+PROFILE_WITH_HELPER = (
+    "from profiles import Profile\n"
+    "from fp_helper import reply\n\n"
+    "class QA(Profile):\n"
+    "    def messages(self, example, index):\n"
+    "        return [{'role': 'user', 'content': example['q']}, {'role': 'assistant', 'content': reply(example)}]\n")
+
+
+def test_fingerprint_covers_a_helper_module_beside_the_profile(tmp_path, forget_fingerprint_modules):
+    (tmp_path / "fp_profile.py").write_text(PROFILE_WITH_HELPER)
+    (tmp_path / "fp_helper.py").write_text("def reply(example):\n    return example['a']\n")
+    before = profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path))
+    assert profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path)) == before  # stable
+    (tmp_path / "fp_helper.py").write_text("def reply(example):\n    return 'A: ' + example['a']\n")
+    assert profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path)) != before
+
+
+def test_fingerprint_covers_a_helper_imported_only_when_called(tmp_path, forget_fingerprint_modules):
+    (tmp_path / "fp_profile.py").write_text(PROFILE_WITH_HELPER.replace("from fp_helper import reply\n", "").replace(
+        "        return", "        from fp_helper import reply\n        return"))
+    (tmp_path / "fp_helper.py").write_text("def reply(example):\n    return example['a']\n")
+    before = profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path))
+    (tmp_path / "fp_helper.py").write_text("def reply(example):\n    return example['a'].upper()\n")
+    assert profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path)) != before
+
+
+def test_fingerprint_covers_a_package_and_a_helper_elsewhere(tmp_path, monkeypatch, forget_fingerprint_modules):
+    package = tmp_path / "project" / "fp_pkg"
+    (package / "profiles_of_mine").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "profiles_of_mine" / "__init__.py").write_text("")
+    (package / "text.py").write_text("SUFFIX = '!'\n")
+    (package / "profiles_of_mine" / "qa.py").write_text(PROFILE_WITH_HELPER.replace(
+        "from fp_helper import reply", "from fp_helper import reply\nfrom fp_pkg import text"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "fp_helper.py").write_text("def reply(example):\n    return example['a']\n")
+    monkeypatch.syspath_prepend(str(elsewhere))
+    name = "fp_pkg.profiles_of_mine.qa:QA"
+    before = profile_fingerprint(_fresh_profile(name, tmp_path / "project"))
+    (package / "text.py").write_text("SUFFIX = '?'\n")  # a sibling module of the package
+    after_sibling = profile_fingerprint(_fresh_profile(name, tmp_path / "project"))
+    (elsewhere / "fp_helper.py").write_text("def reply(example):\n    return example['a'] + '.'\n")
+    after_helper = profile_fingerprint(_fresh_profile(name, tmp_path / "project"))
+    assert len({before, after_sibling, after_helper}) == 3
+
+
+def test_fingerprint_ignores_location_and_files_that_are_no_code_of_the_profile(tmp_path, forget_fingerprint_modules):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "fp_profile.py").write_text(PROFILE_WITH_HELPER)
+        (tmp_path / folder / "fp_helper.py").write_text("def reply(example):\n    return example['a']\n")
+    before = profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path / "a"))
+    # A moved project keeps its cache and its runs' data digest.
+    assert profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path / "b")) == before
+    # A run's output beside the job (a saved model with remote code), caches and hidden folders are no code of it.
+    for folder in ("out/final", "cache/x", ".venv/lib"):
+        (tmp_path / "a" / folder).mkdir(parents=True)
+        (tmp_path / "a" / folder / "modeling_custom.py").write_text("x = 1\n")
+    assert profile_fingerprint(_fresh_profile("fp_profile:QA", tmp_path / "a")) == before
+
+
+def test_builtin_fingerprints_do_not_depend_on_files():
+    assert profile_fingerprint(get_profile("chat")) == profile_fingerprint(get_profile("chat"))
+    assert profile_fingerprint(get_profile("chat")) != profile_fingerprint(get_profile("alpaca"))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO, write_jsonl
 from launcher.config import ConfigError, JobConfig
 from launcher.report import format_duration, main_report, main_status, status_text, write_report
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PREVIEW = {"step": 30, "samples": [{"prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                                               "<|im_start|>assistant\n",
                                     "completion": "The capital of France is Paris."}]}
@@ -43,7 +43,7 @@ def make_run(root: Path, *, state: str = "completed", total_steps: int = 30, tim
                         "input_tokens_per_sec": 4000.0, "elapsed_sec": step * 0.4})
         if step % 15 == 0 or step == 20:
             records.append({"step": step, "eval_loss": 2.9 - step / 25})
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(out / "metrics.jsonl", records)
 
     for step in range(10, done + 1, 10):
         checkpoint = out / "checkpoints" / f"step_{step:06d}"
@@ -228,4 +228,4 @@ def test_pyplot_is_never_imported(tmp_path):
     out = make_run(tmp_path)
     code = ("import sys; import launcher.report as r; assert 'matplotlib' not in sys.modules; "
             f"r.write_report({str(out)!r}); assert 'matplotlib.pyplot' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

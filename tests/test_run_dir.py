@@ -94,7 +94,7 @@ RACE = textwrap.dedent("""
         print("refused", flush=True)
         sys.exit(0)
     print("won", flush=True)
-    time.sleep(0.3)  # hold it while the others try
+    sys.stdin.readline()  # hold it until every racer has tried
     lock.release()
 """)
 
@@ -114,9 +114,10 @@ def test_exactly_one_of_four_racing_processes_takes_the_lock(tmp_path):
         elif trial % 3 == 2:
             (folder / LOCK_NAME).write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))
         start = time.time() + 0.4
-        racers = [subprocess.Popen([sys.executable, str(script), str(folder), str(start)], stdout=subprocess.PIPE,
-                                   text=True) for _ in range(4)]
-        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+        racers = [subprocess.Popen([sys.executable, str(script), str(folder), str(start)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        said = [p.stdout.readline().strip() for p in racers]  # each has tried once the line is there
+        outcomes = sorted(p.communicate(input="\n", timeout=60)[0].strip() or word for p, word in zip(racers, said))
         assert outcomes == ["refused", "refused", "refused", "won"], f"trial {trial}: {outcomes}"
 
 

@@ -1,6 +1,9 @@
-"""MFU and the GPU peak table."""
+"""MFU, the GPU peak table and peak memory."""
+
+import os
 
 import pytest
+import torch
 
 from loop import throughput
 
@@ -23,5 +26,23 @@ def test_peak_override_and_lookup(monkeypatch):
     assert throughput.device_peak_flops() is None
 
 
-def test_peak_memory_is_positive_on_cpu():
-    assert throughput.peak_memory_bytes() > 0
+def memory_in_use() -> tuple[int, int]:
+    """(bytes this process holds now, bytes there are): CUDA memory on a GPU; resident and physical
+    memory on a CPU (Linux)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated(), torch.cuda.get_device_properties(0).total_memory
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not os.path.exists("/proc/self/statm"),
+                    reason="reads resident memory from /proc")
+def test_peak_memory_counts_a_known_allocation_in_bytes():
+    size = 128 * 2**20
+    in_use, capacity = memory_in_use()
+    block = torch.ones(size // 4, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    # At least what was in use plus the block (with slack for memory freed meanwhile), and no more than
+    # the device has: a count in KiB or pages instead of bytes fails one side or the other.
+    assert in_use + 0.9 * size <= throughput.peak_memory_bytes() <= capacity
+    del block

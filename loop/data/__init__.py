@@ -8,9 +8,10 @@
 
 Each dataset row holds `input_ids` and `labels` (`IGNORE_INDEX` where no loss is taken) and, with
 `data.packing`, `position_ids`. The pieces live in this package: `render` (messages to tokens and
-labels), `prepare` (reading, tokenizing, splitting, packing), `cache` (fingerprint, save, load),
-`batches` (collator and sampler), `report` (what was kept and dropped), `templates` (built-in chat
-templates).
+labels), `prepare` (reading, tokenizing, splitting, packing), `sources` (the job's sources, their
+formats, the mix and its report), `stream` (preparation a chunk at a time, in bounded memory),
+`cache` (fingerprint, save, load), `batches` (collator and sampler), `report` (what was kept and
+dropped), `templates` (built-in chat templates).
 """
 
 from __future__ import annotations
@@ -23,25 +24,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launcher.config import ConfigError, JobConfig
-from loop.data.batches import Collator, EpochSampler, build_dataloader, example_lengths
-from loop.data.prepare import (
-    Records,
-    Settings,
-    keep_usable,
-    pack,
-    read_records,
-    split_validation,
-    tokenize_records,
+from loop.data.batches import Collator, EpochSampler, build_dataloader, count_trained_tokens, example_lengths
+from loop.data.prepare import Records, Settings
+from loop.data.cache import (
+    Staging,
+    cache_root,
+    code_digest,
+    fingerprint,
+    load_cached,
+    tokenizer_digest,
+    write_dataset_folder,
 )
-from loop.data.cache import cache_root, code_digest, file_digest, fingerprint, load_cached, save_cache, tokenizer_digest
+from loop.data.sources import Source, mix_report, mix_template, plan_sources, source_digests
+from loop.data.stream import dataset, mix_and_split, pack_file, require_examples, tokenize_files
 from loop.data.render import (
     IGNORE_INDEX,
     TRAIN_ON,
     DataError,
+    Rendered,
     Renderer,
     TemplateError,
     chat_template_of,
     has_generation_markers,
+    render_conversation,
     render_messages,
     render_text,
 )
@@ -50,9 +55,10 @@ from loop.data.templates import CHATML_GENERATION_TEMPLATE
 from profiles import Profile, fill_system_prompt, get_profile, profile_fingerprint
 
 __all__ = [
-    "IGNORE_INDEX", "TRAIN_ON", "Collator", "DataError", "DataReport", "EpochSampler", "PreparedData", "Renderer",
-    "TemplateError", "build_dataloader", "build_datasets", "chat_template_of", "example_lengths",
-    "has_generation_markers", "load_tokenizer", "mark_trained", "render_messages", "render_text",
+    "IGNORE_INDEX", "TRAIN_ON", "Collator", "DataError", "DataReport", "EpochSampler", "PreparedData", "Rendered",
+    "Renderer", "TemplateError", "build_dataloader", "build_datasets", "chat_template_of", "example_lengths",
+    "has_generation_markers", "load_tokenizer", "mark_trained", "render_conversation", "render_messages",
+    "render_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,10 +148,13 @@ def build_datasets(config: JobConfig, tokenizer, main_process_first: Callable[[]
     cache the data while the others wait, then load it. Raises `DataError` (a `ConfigError`) for
     bad data under `on_bad_record = "error"`, an unusable chat template, or nothing left to train on.
     """
-    profile = get_profile(config.profile.name, search_paths=[p for p in [_job_folder(config)] if p])
+    search_paths = [p for p in [_job_folder(config)] if p]
+    profile = get_profile(config.profile.name, search_paths=search_paths)
     system_prompt = fill_system_prompt(config.profile.system_prompt)
-    template = _check_profile_settings(config, tokenizer, profile)
-    parts = _fingerprint_parts(config, tokenizer, profile, system_prompt, template)
+    sources = plan_sources(config, search_paths)  # every source checked before anything is read
+    template = _check_profile_settings(config, tokenizer, profile) if not config.data.sources \
+        else mix_template(sources, tokenizer, config)
+    parts = _fingerprint_parts(config, tokenizer, profile, system_prompt, template, sources)
     folder = cache_root(config.data.cache_dir) / fingerprint(parts)
 
     failure = None
@@ -153,7 +162,7 @@ def build_datasets(config: JobConfig, tokenizer, main_process_first: Callable[[]
         # An error must not skip the barrier at the end of `main_process_first`, or the other
         # processes would wait for the main one forever: leave the block, then raise.
         try:
-            prepared = _load_or_prepare(config, tokenizer, profile, system_prompt, folder)
+            prepared = _load_or_prepare(config, tokenizer, sources, folder)
         except Exception as error:
             failure = error
     if failure is not None:
@@ -167,7 +176,9 @@ def build_datasets(config: JobConfig, tokenizer, main_process_first: Callable[[]
     return prepared
 
 
-def _content(file_digest_: str | None) -> str | None:
+def _content(file_digest_: str | list | None) -> str | list | None:
+    if isinstance(file_digest_, list):  # several sources
+        return [_content(d) for d in file_digest_]
     return file_digest_.rsplit(":", 1)[-1] if file_digest_ else None
 
 
@@ -185,17 +196,19 @@ def _check_profile_settings(config: JobConfig, tokenizer, profile: Profile) -> s
     return chat_template_of(tokenizer)
 
 
-def _fingerprint_parts(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, template: str | None
-                       ) -> dict:
+def _fingerprint_parts(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, template: str | None,
+                       sources: list[Source]) -> dict:
     """Everything that decides the prepared rows; the cache folder is named by its hash."""
     data, monitoring = config.data, config.monitoring
     is_split = not data.validation_path and monitoring.validation_split > 0
     return {
         "code": code_digest(),
-        "train": file_digest(data.dataset_path),
-        "validation": file_digest(data.validation_path) if data.validation_path else None,
+        # train and validation (one JSONL file each: as they always were), and with other sources, theirs.
+        **source_digests(sources, config),
         "tokenizer": tokenizer_digest(tokenizer, template),
-        "profile": [config.profile.name, profile_fingerprint(profile), system_prompt, config.profile.train_on],
+        # unstable_turns only when "refuse": the default leaves the digest of runs begun before it existed.
+        "profile": [config.profile.name, profile_fingerprint(profile), system_prompt, config.profile.train_on]
+        + (["refuse"] if config.profile.unstable_turns == "refuse" else []),
         "length": [data.max_length, data.too_long, data.packing],
         "on_bad_record": data.on_bad_record,
         "split": [monitoring.validation_split, monitoring.validation_max_samples, config.hyperparams.seed]
@@ -203,64 +216,67 @@ def _fingerprint_parts(config: JobConfig, tokenizer, profile: Profile, system_pr
     }
 
 
-def _load_or_prepare(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, folder: Path
-                     ) -> PreparedData:
+def _load_or_prepare(config: JobConfig, tokenizer, sources: list[Source], folder: Path) -> PreparedData:
+    import datasets
+
     cached = load_cached(folder)
     if cached is not None:
         logger.info("data: loaded from cache %s", folder)
         return PreparedData(*cached, cache_path=folder, from_cache=True)
-    train, validation, report = _prepare(config, tokenizer, profile, system_prompt, folder.name)
-    if save_cache(folder, train, validation, report):
-        # Serve the memory-mapped copy, exactly what a later run loads.
-        train, validation, report = load_cached(folder) or (train, validation, report)
-        return PreparedData(train, validation, report, cache_path=folder)
+    with Staging(folder) as staging:
+        report = _prepare(config, tokenizer, sources, staging.path, folder.name)
+        path = staging.commit(report)
+    if path == folder:
+        # Checked and memory-mapped, exactly what a later run loads.
+        cached = load_cached(folder)
+        if cached is not None:
+            return PreparedData(*cached, cache_path=folder)
+    train = datasets.load_from_disk(str(path / "train"))
+    validation = datasets.load_from_disk(str(path / "validation")) if (path / "validation").is_dir() else None
     return PreparedData(train, validation, report)
 
 
-def _prepare(config: JobConfig, tokenizer, profile: Profile, system_prompt: str, fingerprint_: str):
+def _prepare(config: JobConfig, tokenizer, sources: list[Source], out: Path, fingerprint_: str):
+    """Tokenize, hold out, mix and pack every source into `out/train` and `out/validation`, a chunk at a
+    time (`loop.data.stream`); the report."""
     data, monitoring = config.data, config.monitoring
-    settings = Settings(train_on=config.profile.train_on, max_length=data.max_length, too_long=data.too_long)
+    settings = Settings(train_on=config.profile.train_on, max_length=data.max_length, too_long=data.too_long,
+                        unstable_turns=config.profile.unstable_turns)
+    work = out / "work"
 
-    def tokenized(path: str, name: str):
-        records = read_records(path, profile, system_prompt, data.on_bad_record)
-        rows = tokenize_records(records, tokenizer, settings, data.num_proc, f"{fingerprint_}-{name}")
-        kept, num_truncated = keep_usable(rows, records, data.on_bad_record)
-        return records, kept, num_truncated
+    def tokenized(source: Source, files, name: str):
+        examples = tokenize_files(source, files, tokenizer, settings, num_proc=data.num_proc,
+                                  on_bad_record=data.on_bad_record, out=work / f"{name}.arrow",
+                                  fingerprint=f"{fingerprint_}-{name}")
+        require_examples(examples, files)
+        return examples
 
-    train_records, train, num_truncated = tokenized(data.dataset_path, "train")
-    all_records = [train_records]
-    _require_examples(train, [train_records], data.dataset_path)
-    if data.validation_path:
-        validation_records, validation, validation_truncated = tokenized(data.validation_path, "validation")
-        all_records.append(validation_records)
-        num_truncated += validation_truncated
-        _require_examples(validation, [validation_records], data.validation_path)
-    else:
-        train, validation = split_validation(train, monitoring.validation_split,
-                                             monitoring.validation_max_samples, config.hyperparams.seed)
-
-    report = _report(train, validation, all_records, num_truncated, config)
+    train = [tokenized(s, s.files, f"{i}-train") for i, s in enumerate(sources)]
+    own = [tokenized(s, s.validation, f"{i}-validation") if s.validation else None for i, s in enumerate(sources)]
+    mixed = mix_and_split(sources, train, own, split=monitoring.validation_split,
+                          max_samples=monitoring.validation_max_samples, seed=config.hyperparams.seed,
+                          train_out=work / "train.arrow", validation_out=work / "validation.arrow")
+    examples = [*train, *(e for e in own if e is not None)]
+    report = _report(dataset(mixed.train), dataset(mixed.validation), [e.records for e in examples],
+                     sum(e.num_truncated for e in examples), config,
+                     num_trained_tokens=sum(e["num_trained_tokens"] for e in mixed.entries))
+    train_file, validation_file = mixed.train, mixed.validation
     if data.packing:
-        train = pack(train, data.max_length)
-        validation = pack(validation, data.max_length) if validation is not None else None
-    report.num_train_sequences = len(train)
-    return train, validation, report
+        train_file = pack_file(mixed.train, mixed.lengths, data.max_length, work / "train-packed.arrow")
+        if validation_file is not None:
+            validation_file = pack_file(mixed.validation, mixed.validation_lengths, data.max_length,
+                                        work / "validation-packed.arrow")
+    report = mix_report(report, mixed.entries)
+    report.num_train_sequences = len(dataset(train_file))
+    write_dataset_folder(out / "train", train_file, data.packing, f"{fingerprint_}-train")
+    if validation_file is not None:
+        write_dataset_folder(out / "validation", validation_file, data.packing, f"{fingerprint_}-validation")
+    return report
 
 
-def _require_examples(dataset, records: list[Records], path: str) -> None:
-    if dataset is not None and len(dataset):
-        return
-    read = sum(r.num_read for r in records)
-    dropped = {}
-    for r in records:
-        for reason, count in r.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
-    why = ", ".join(f"{count} {reason}" for reason, count in dropped.items()) or "the file has no records"
-    problems = "".join(f"\n  {p}" for r in records for p in r.problems[:5])
-    raise DataError(f"{path}: no usable examples ({read} records read; {why}).{problems}")
-
-
-def _report(train, validation, records: list[Records], num_truncated: int, config: JobConfig) -> DataReport:
+def _report(train, validation, records: list[Records], num_truncated: int, config: JobConfig,
+            num_trained_tokens: int | None = None) -> DataReport:
+    """`num_trained_tokens` when known already: counting reads every label of `train`."""
     import numpy as np
 
     dropped: dict[str, int] = {}
@@ -268,7 +284,6 @@ def _report(train, validation, records: list[Records], num_truncated: int, confi
         for reason, count in r.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
     lengths = np.asarray(example_lengths(train))
-    labels = train.with_format("arrow")[:].column("labels").combine_chunks().values.to_numpy()
     num_validation = len(validation) if validation is not None else 0
     return DataReport(
         num_read=sum(r.num_read for r in records),
@@ -279,7 +294,7 @@ def _report(train, validation, records: list[Records], num_truncated: int, confi
         num_validation_examples=num_validation,
         num_train_sequences=len(train),
         num_tokens=int(lengths.sum()),
-        num_trained_tokens=int((labels != IGNORE_INDEX).sum()),
+        num_trained_tokens=count_trained_tokens(train) if num_trained_tokens is None else num_trained_tokens,
         length_p50=int(np.percentile(lengths, 50, method="higher")),
         length_p95=int(np.percentile(lengths, 95, method="higher")),
         length_max=int(lengths.max()),
@@ -288,5 +303,11 @@ def _report(train, validation, records: list[Records], num_truncated: int, confi
         problems=[p for r in records for p in r.problems][:MAX_PROBLEMS],
         num_special_text=sum(r.num_special_text for r in records),
         special_text_example=next((r.special_text_example for r in records if r.special_text_example), ""),
+        num_split=sum(r.num_split for r in records),
+        num_split_examples=sum(r.num_split_examples for r in records),
+        num_split_tokens=sum(r.num_split_tokens for r in records),
+        num_unsplit_tokens=sum(r.num_unsplit_tokens for r in records),
+        num_dropped_content=sum(r.num_dropped_content for r in records),
+        dropped_content_example=next((r.dropped_content_example for r in records if r.dropped_content_example), ""),
         sample={"input_ids": list(train[0]["input_ids"]), "labels": list(train[0]["labels"])},
     )

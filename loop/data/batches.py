@@ -146,6 +146,18 @@ def example_lengths(dataset) -> list[int]:
         return [len(row["input_ids"]) for row in dataset]
 
 
+def count_trained_tokens(dataset, batch_size: int = 8192) -> int:
+    """Labels that are not `IGNORE_INDEX` in a `datasets.Dataset`, a batch of rows at a time (a whole
+    column of a large data set would not fit in memory)."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for table in dataset.select_columns(["labels"]).with_format("arrow").iter(batch_size=batch_size):
+        values = pc.list_flatten(table.column("labels"))
+        total += len(values) - pc.sum(pc.equal(values, IGNORE_INDEX)).as_py() if len(values) else 0
+    return total
+
+
 def build_dataloader(dataset, config, tokenizer, shuffle: bool = True, batch_size: int | None = None) -> DataLoader:
     """A DataLoader over `dataset` for `config`; `shuffle=False` (e.g. evaluation) keeps file order.
 

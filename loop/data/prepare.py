@@ -3,18 +3,25 @@
 Used through `loop.data.build_datasets`; the steps, in order:
 
 1. `read_records`: parse each line, apply the profile, check the messages. A bad line stops the
-   job (`data.on_bad_record = "error"`) with its file and line, or is counted (`"skip"`).
+   job (`data.on_bad_record = "error"`) with its file and line, or is counted (`"skip"`), whatever
+   is wrong with it (see `read_records`).
 2. `tokenize_records`: render through the chat template with `datasets.Dataset.map(batched=True,
-   num_proc=data.num_proc)`; truncate or drop long examples, drop those with nothing to train.
+   num_proc=data.num_proc)`; truncate or drop long examples, drop those with nothing to train. A
+   record the template or tokenizer fails on is a bad line too; text that holds a special token's
+   text (a literal "<|im_end|>") is counted for the report.
 3. `split_validation`: `data.validation_path`, else `monitoring.validation_split` by seed.
 4. `pack`: best-fit-decreasing packing with `position_ids` restarting at 0 per example.
 The result is cached by `loop.data.cache` under `data.cache_dir/<fingerprint>/`, so the next run
 with the same data, tokenizer and settings loads it instead.
+
+`build_datasets` runs these steps a chunk of records at a time through `loop.data.stream` (any
+source format of `loop.data.sources`: `parse_line` and `record_payload` are step 1 for one record);
+`read_records`, `split_validation` and `pack` are their whole-file, in-memory forms.
 """
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import json
 import logging
 import os
@@ -29,9 +36,17 @@ import numpy as np
 import pyarrow as pa
 
 from launcher.config import ConfigError
-from loop.data.render import IGNORE_INDEX, DataError, Renderer, TemplateError, render_text, special_token_pattern
+from loop.data.render import (
+    IGNORE_INDEX,
+    DataError,
+    Rendered,
+    Renderer,
+    TemplateError,
+    render_text,
+    special_token_pattern,
+)
 from loop.data.report import MAX_PROBLEMS, DataReport
-from profiles import Profile, RecordError, check_messages
+from profiles import Profile, RecordError, check_messages, check_tools
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +67,23 @@ class Records:
     num_special_text: int = 0
     """Kept records whose text holds a special token's text (see `DataReport.num_special_text`)."""
     special_text_example: str = ""
+    num_split: int = 0
+    """Kept records whose replies were trained in examples of their own (see `DataReport.num_split`)."""
+    num_split_examples: int = 0
+    num_split_tokens: int = 0
+    num_unsplit_tokens: int = 0
+    num_dropped_content: int = 0
+    """Kept records part of which the chat template drops (see `DataReport.num_dropped_content`)."""
+    dropped_content_example: str = ""
 
     def drop(self, line: int, reason: str, message: str) -> None:
         self.dropped[reason] += 1
         if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(f"{self.path}:{line}: {message}")
+            self.problems.append(f"{self.where(line)}: {message}")
+
+    def where(self, line: int) -> str:
+        """A record's place in messages (`loop.data.sources` names rows of other formats)."""
+        return f"{self.path}:{line}"
 
 
 def open_data_file(path: str | Path):
@@ -84,7 +111,7 @@ def read_records(path: str | Path, profile: Profile, system_prompt: str, on_bad_
             records.num_read += 1
             try:
                 if raw is None:
-                    raise _BadRecord("too_large", f"the line is longer than {MAX_LINE_BYTES >> 20} MiB")
+                    raise _BadRecord("too_large", f"the line is longer than {_size(MAX_LINE_BYTES)}")
                 payload = _transform(raw, line_number, index, profile, system_prompt)
             except _BadRecord as bad:
                 message = printable(bad.message)
@@ -114,6 +141,13 @@ def _lines(handle):
         yield line_number, raw
 
 
+def _size(num_bytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if num_bytes >= 1 << shift:
+            return f"{num_bytes / (1 << shift):g} {unit}"
+    return f"{num_bytes} bytes"
+
+
 def printable(message: str, limit: int = 500) -> str:
     """`message` safe to print and store: control characters and lone surrogates escaped, at most
     `limit` characters (a record's value quoted in a message may be megabytes long)."""
@@ -132,6 +166,11 @@ class _BadRecord(Exception):
 
 def _transform(raw: bytes, line_number: int, index: int, profile: Profile, system_prompt: str) -> str:
     """The record of one line as the JSON payload the tokenizing step reads; `_BadRecord` if unusable."""
+    return record_payload(parse_line(raw, line_number), index, profile, system_prompt)
+
+
+def parse_line(raw: bytes, line_number: int) -> Any:
+    """The JSON value of one line; `_BadRecord` if it cannot be read."""
     try:
         # utf-8-sig: a byte-order mark on the first line is not part of the JSON.
         text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").rstrip("\r\n")
@@ -148,6 +187,12 @@ def _transform(raw: bytes, line_number: int, index: int, profile: Profile, syste
             raise _BadRecord("invalid_json", "unreadable JSON: a number of more than 4300 digits; write it as "
                                              "a string or remove it") from None
         raise _BadRecord("invalid_json", f"unreadable JSON: {error}") from None
+    return record
+
+
+def record_payload(record: Any, index: int, profile: Profile, system_prompt: str) -> str:
+    """A record (a line's JSON, or a row of another format) as the JSON payload the tokenizing step
+    reads; `_BadRecord` if unusable."""
     if not isinstance(record, dict):
         raise _BadRecord("invalid_record", f"expected a JSON object, got {type(record).__name__}")
     try:
@@ -158,6 +203,8 @@ def _transform(raw: bytes, line_number: int, index: int, profile: Profile, syste
         if "messages" in example:
             check_messages(example["messages"], profile.roles)
             payload = {"messages": example["messages"]}
+            if example.get("tools") is not None:
+                payload["tools"] = check_tools(example["tools"])
         elif isinstance(example["text"], str):
             payload = {"text": example["text"]}
         else:
@@ -214,11 +261,17 @@ class Settings:
     train_on: str
     max_length: int
     too_long: str
+    unstable_turns: str = "split"
+    max_chars: int = 0
+    """Characters of each text kept before tokenizing (0: all): far more than `max_length` tokens can
+    hold, so a huge record is cut to what truncation keeps anyway without tokenizing all of it."""
 
 
 def tokenize_records(records: Records, tokenizer, settings: Settings, num_proc: int, fingerprint: str):
     """A `datasets.Dataset` with `input_ids`, `labels`, `line`, `status` ("" = kept), `truncated` and
-    `special_text` (where the record's text holds a special token's text, "" if nowhere)."""
+    `special_text` (where the record's text holds a special token's text, "" if nowhere); a record the
+    template renders as several examples is several rows (`part` 0, 1, ...; see `loop.data.render`), each
+    with the record's `split`, `unsplit_tokens` and `dropped` (what the template drops of it, "" if nothing)."""
     import datasets
 
     table = datasets.Dataset.from_dict({"line": records.lines, "payload": records.payloads})
@@ -231,6 +284,10 @@ def tokenize_records(records: Records, tokenizer, settings: Settings, num_proc: 
         "status": datasets.Value("string"),
         "truncated": datasets.Value("bool"),
         "special_text": datasets.Value("string"),
+        "part": datasets.Value("int32"),
+        "split": datasets.Value("bool"),
+        "unsplit_tokens": datasets.Value("int64"),
+        "dropped": datasets.Value("string"),
     })
     batch_size = 500
     # A process per batch at most: start-up costs more than a few hundred records take.
@@ -249,18 +306,28 @@ def tokenize_records(records: Records, tokenizer, settings: Settings, num_proc: 
 def _tokenize_batch(batch: dict[str, list], tokenizer, settings: Settings) -> dict[str, list]:
     """The rows of a batch. A record that fails in any way becomes a row whose status says why, so
     one record never stops the map (nor one of its worker processes)."""
-    payloads = [_parse(p) for p in batch["payload"]]
+    payloads = [_capped(_parse(p), settings.max_chars) for p in batch["payload"]]
     results = _render_payloads(payloads, tokenizer, settings)
     specials = special_token_pattern(tokenizer)
-    out: dict[str, list] = {"line": batch["line"], "input_ids": [], "labels": [], "status": [], "truncated": [],
-                            "special_text": []}
-    for payload, result in zip(payloads, results):
-        ids, labels, status, truncated = _fit(result, settings)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["status"].append(status)
-        out["truncated"].append(truncated)
-        out["special_text"].append("" if status else _special_text(payload, specials))
+    out: dict[str, list] = {"line": [], "input_ids": [], "labels": [], "status": [], "truncated": [],
+                            "special_text": [], "part": [], "split": [], "unsplit_tokens": [], "dropped": []}
+    for line, payload, result in zip(batch["line"], payloads, results):
+        rendered = result if isinstance(result, Rendered) else Rendered([result])
+        # What is said of the record (special text, split, dropped) is on each of its rows; `keep_usable`
+        # counts it once per record that keeps a row.
+        special = "" if isinstance(result, Exception) else _special_text(payload, specials)
+        for part, example in enumerate(rendered.examples):
+            ids, labels, status, truncated = _fit(example, settings)
+            out["line"].append(line)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["status"].append(status)
+            out["truncated"].append(truncated)
+            out["special_text"].append(special)
+            out["part"].append(part)
+            out["split"].append(rendered.is_split)
+            out["unsplit_tokens"].append(rendered.num_unsplit_tokens)
+            out["dropped"].append(rendered.dropped)
     return out
 
 
@@ -272,10 +339,12 @@ def _parse(payload: str) -> dict | Exception:
 
 
 def _render_payloads(payloads: list[dict | Exception], tokenizer, settings: Settings) -> list:
-    """`(input_ids, labels)` per payload, or the exception of that record."""
+    """A `Rendered` (or, for text, `(input_ids, labels)`) per payload, or the exception of that record."""
     try:
-        chats = [p["messages"] for p in payloads if isinstance(p, dict) and "messages" in p]
-        rendered = iter(Renderer(tokenizer, settings.train_on).render_conversations(chats) if chats else [])
+        chats = [p for p in payloads if isinstance(p, dict) and "messages" in p]
+        renderer = Renderer(tokenizer, settings.train_on, settings.unstable_turns) if chats else None
+        rendered = iter(renderer.render_conversations([p["messages"] for p in chats], [p.get("tools") for p in chats])
+                        if chats else [])
         results = []
         for payload in payloads:
             if isinstance(payload, Exception):
@@ -307,6 +376,21 @@ def _special_text(payload: dict, pattern: re.Pattern | None) -> str:
         if match:
             return printable(f"{where} holds {match.group()!r}")
     return ""
+
+
+def _capped(payload: dict | Exception, max_chars: int) -> dict | Exception:
+    """`payload` with each text (`text`, or each message's `content`) cut to `max_chars` characters."""
+    if not max_chars or not isinstance(payload, dict):
+        return payload
+    if isinstance(payload.get("text"), str) and len(payload["text"]) > max_chars:
+        return {**payload, "text": payload["text"][:max_chars]}
+    messages = payload.get("messages")
+    if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                          and len(m["content"]) > max_chars for m in messages):
+        cut = [{**m, "content": m["content"][:max_chars]} if isinstance(m, dict) and isinstance(m.get("content"), str)
+               else m for m in messages]
+        return {**payload, "messages": cut}
+    return payload
 
 
 def _fit(result, settings: Settings) -> tuple[list[int], list[int], str, bool]:
@@ -343,19 +427,44 @@ def keep_usable(tokenized, records: Records, on_bad_record: str):
         reason, _, message = status.partition(":")
         line = lines[row]
         if reason == "template":
-            raise TemplateError(f"{records.path}:{line}: {message}")
+            raise TemplateError(f"{records.where(line)}: {message}")
         if reason == "invalid_record" and on_bad_record == "error":
-            raise DataError(f"{records.path}:{line}: {message}. {_SKIP_HINT}")
+            raise DataError(f"{records.where(line)}: {message}. {_SKIP_HINT}")
         records.drop(line, reason, message)
+    # What is said of a record is on each of its rows: count it once, on the record's first kept row.
+    seen: set[int] = set()
+    first_kept = [row for row in kept if not (lines[row] in seen or seen.add(lines[row]))]
     special = table.column("special_text").to_pylist()
-    with_special = [row for row in kept if special[row]]
+    with_special = [row for row in first_kept if special[row]]
     records.num_special_text += len(with_special)
     if with_special and not records.special_text_example:
         row = with_special[0]
-        records.special_text_example = f"{records.path}:{lines[row]}: {special[row]}"
+        records.special_text_example = f"{records.where(lines[row])}: {special[row]}"
+    _count_template_effects(tokenized, kept, first_kept, lines, records)
     truncated = table.column("truncated").to_pylist()
     num_truncated = sum(truncated[row] for row in kept)
     return tokenized.select(kept).select_columns(["input_ids", "labels"]), num_truncated
+
+
+def _count_template_effects(tokenized, kept: list[int], first_kept: list[int], lines: list[int],
+                            records: Records) -> None:
+    """Count into `records` the kept records the template split into several examples, and those part
+    of which it drops (`loop.data.render.Rendered`)."""
+    table = tokenized.select_columns(["split", "unsplit_tokens", "dropped", "input_ids"]).with_format("arrow")[:]
+    split = table.column("split").to_pylist()
+    if any(split[row] for row in kept):
+        lengths = np.diff(table.column("input_ids").combine_chunks().offsets.to_numpy())
+        unsplit = table.column("unsplit_tokens").to_pylist()
+        records.num_split += sum(split[row] for row in first_kept)
+        records.num_split_examples += sum(split[row] for row in kept)
+        records.num_split_tokens += int(sum(lengths[row] for row in kept if split[row]))
+        records.num_unsplit_tokens += sum(unsplit[row] for row in first_kept if split[row])
+    dropped = table.column("dropped").to_pylist()
+    with_dropped = [row for row in first_kept if dropped[row]]
+    records.num_dropped_content += len(with_dropped)
+    if with_dropped and not records.dropped_content_example:
+        row = with_dropped[0]
+        records.dropped_content_example = f"{records.where(lines[row])}: {dropped[row]}"
 
 
 # --- 3. validation split -----------------------------------------------------------------------
@@ -412,19 +521,37 @@ def pack(dataset, max_length: int):
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` grouped into bins of at most `capacity`: longest first, each into the
-    fullest bin it fits (ties by index, so the result depends only on the lengths)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    fullest bin it fits (ties by index, so the result depends only on the lengths). A million
+    examples take seconds."""
+    sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    order = np.lexsort((np.arange(len(sizes)), -sizes)).tolist()
+    sizes = sizes.tolist()
     bins: list[list[int]] = []
-    # (space left, bin number), kept sorted: bisect finds the tightest bin that fits.
-    space: list[tuple[int, int]] = []
+    # The open bins by space left: `by_space[s]` is a heap of the numbers of the bins with s left (the
+    # lowest number wins a tie), and bit s of `has_space` says it is not empty, so the tightest bin that
+    # fits is the lowest set bit at or above the length: a shift, not a search.
+    by_space: list[list[int] | None] = [None] * (capacity + 1)
+    has_space = 0
     for i in order:
-        position = bisect.bisect_left(space, (lengths[i], -1))
-        if position == len(space):
-            bins.append([i])
-            left, number = capacity - lengths[i], len(bins) - 1
-        else:
-            left, number = space.pop(position)
+        length = sizes[i]
+        above = has_space >> length
+        if above:
+            space = length + (above & -above).bit_length() - 1
+            heap = by_space[space]
+            number = heapq.heappop(heap)
+            if not heap:
+                has_space ^= 1 << space
             bins[number].append(i)
-            left -= lengths[i]
-        bisect.insort(space, (left, number))
+            left = space - length
+        else:
+            number = len(bins)
+            bins.append([i])
+            left = capacity - length
+        if left >= 0:  # an example longer than the capacity has a bin of its own, closed
+            heap = by_space[left]
+            if heap is None:
+                heap = by_space[left] = []
+            if not heap:
+                has_space |= 1 << left
+            heapq.heappush(heap, number)
     return bins

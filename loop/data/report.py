@@ -56,6 +56,20 @@ class DataReport:
     the tokenizer reads it as that token, which changes the conversation's structure."""
     special_text_example: str = ""
     """One of them as "file:line: where"."""
+    num_split: int = 0
+    """Kept records with replies the chat template renders differently once later turns follow, each
+    such reply trained in an example of its own (`profile.unstable_turns = "split"`)."""
+    num_split_examples: int = 0
+    """Examples those records became."""
+    num_split_tokens: int = 0
+    """Tokens of those examples."""
+    num_unsplit_tokens: int = 0
+    """Tokens of those records rendered once each, as whole conversations."""
+    num_dropped_content: int = 0
+    """Kept records part of which no example holds because the chat template drops it: a system prompt,
+    a reply's reasoning, a `reasoning_content` field it never reads."""
+    dropped_content_example: str = ""
+    """One of them as "file:line: what"."""
     sample: dict[str, list[int]] | None = None
     """The first training example (unpacked), for `render_example`."""
 
@@ -76,11 +90,18 @@ class DataReport:
 
     def warnings(self) -> list[str]:
         """What in the kept data will likely train something unintended."""
-        if not self.num_special_text:
-            return []
-        return [f"{self.num_special_text} example(s) hold the text of a special token, e.g. "
+        warnings = []
+        if self.num_special_text:
+            warnings.append(
+                f"{self.num_special_text} example(s) hold the text of a special token, e.g. "
                 f"{self.special_text_example}. The tokenizer turns such text into the special token itself, "
-                "so the model sees a turn end or begin where the data has plain text; remove or rewrite it."]
+                "so the model sees a turn end or begin where the data has plain text; remove or rewrite it.")
+        if self.num_dropped_content:
+            warnings.append(
+                f"{self.num_dropped_content} record(s) hold content the chat template drops, so no example "
+                f"trains on it or shows it, e.g. {self.dropped_content_example}. Check that the template is "
+                "the model's own, or remove that content.")
+        return warnings
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -105,6 +126,12 @@ class DataReport:
                      f"({self.trained_fraction:.1%})")
         lines.append(f"length: p50 {self.length_p50}, p95 {self.length_p95}, max {self.length_max} "
                      f"(max_length {self.max_length})")
+        if self.num_split:
+            extra = self.num_split_tokens - self.num_unsplit_tokens
+            lines.append(f"unstable turns: {self.num_split} record(s) became {self.num_split_examples} examples, "
+                         f"{self.num_split_tokens} tokens ({extra:+} over rendering each once), because the "
+                         "chat template renders their earlier replies differently once later turns follow "
+                         "(profile.unstable_turns = \"split\")")
         if self.packing:
             lines.append(f"packing: {self.num_train_examples} examples in {self.num_train_sequences} sequences, "
                          f"{self.packing_efficiency:.1%} of positions filled")

@@ -22,21 +22,15 @@ from typing import Callable
 
 import pytest
 
+from helpers import SMALL_JOB, chat_records, run_launcher, snapshot, write_job, write_jsonl
 from launcher.cli import main
-
-from .reliability_helpers import job_text, run_launcher, snapshot, write_records
 
 IN_PROCESS_LIMIT_SEC = 30    # "within seconds", with room for 2 busy cores
 SUBPROCESS_LIMIT_SEC = 120   # start-up of torch and transformers included
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def chat(i: int, reply: str | None = None) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i}"},
-                         {"role": "assistant", "content": f"answer {i}" if reply is None else reply}]}
-
-
-CHAT = [chat(i) for i in range(12)]
+CHAT = chat_records(12)
 
 
 class Ctx:
@@ -46,18 +40,15 @@ class Ctx:
         self.folder, self.model_dir = folder, model_dir
         self.path = folder / "job.toml"
 
-    def values(self, **overrides) -> dict:
-        values = {"model.model_path": str(self.model_dir), "data.dataset_path": "train.jsonl",
-                  "data.cache_dir": "cache", "data.max_length": 64, "hyperparams.max_steps": 2,
-                  "hyperparams.fp_precision": "fp32", "hyperparams.save_steps": 0, "output.output_dir": "out"}
-        values.update({k.replace("__", "."): v for k, v in overrides.items()})
-        return {k: v for k, v in values.items() if v is not None}
-
     def job(self, records=None, **overrides) -> Path:
-        if not (self.folder / "train.jsonl").exists() or records is not None:
-            self.data(CHAT if records is None else records)
-        self.path.write_text(job_text(self.values(**overrides)), encoding="utf-8")
-        return self.path
+        """A small valid job with `overrides` (`section__key=value`; None removes the key), reading `records`
+        (bytes are written as they are), else the data already there, else CHAT."""
+        if isinstance(records, bytes):
+            self.data(records)
+            records = None
+        elif records is None and not (self.folder / "train.jsonl").exists():
+            records = CHAT
+        return write_job(self.folder, self.model_dir, records, **{**SMALL_JOB, **overrides})
 
     def raw(self, text: str) -> Path:
         """A job whose text is given; `{model}` is the tiny model's folder."""
@@ -70,7 +61,7 @@ class Ctx:
         if isinstance(records, bytes):
             path.write_bytes(records)
         else:
-            write_records(path, records)
+            write_jsonl(path, records)
         return path
 
     def accelerate(self, text: str) -> str:
@@ -273,15 +264,14 @@ CASES = [
 
     # Empty data and data with nothing to train on.
     Case("data-file-empty", lambda c: run(c.job(records=[])),
-         lambda c: [f"{c.folder / 'train.jsonl'}: no usable examples", "0 records read", "the file has no records"],
+         lambda c: [f"{c.folder / 'train.jsonl'}: no usable examples", "0 records read", "has no records"],
          existing=True),
     Case("data-file-blank-lines", lambda c: run(c.job(records=["", "   ", ""])),
          ["no usable examples", "0 records read"]),
     # (Every assistant reply empty is not such a case: the end-of-turn token is still trained.)
     Case("truncation-leaves-nothing-trained", lambda c: run(c.job(
-        records=[chat(i, reply=f"answer {i}") | {"messages": [{"role": "user", "content": "word " * 40 + str(i)},
-                                                             {"role": "assistant", "content": "yes"}]}
-                 for i in range(5)], data__max_length=16)),
+        records=[{"messages": [{"role": "user", "content": "word " * 40 + str(i)},
+                               {"role": "assistant", "content": "yes"}]} for i in range(5)], data__max_length=16)),
          ["no usable examples", "5 records read", "no_trained_tokens"]),
     Case("no-assistant-turns", lambda c: validate(c.job(records=[
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": f"q{i}"}]} for i in range(4)])),
@@ -385,8 +375,3 @@ def test_a_bad_input_is_refused_with_exit_2_and_a_message(case: Case, tmp_path, 
         assert not output.exists(), f"a refused job created {output}: {sorted(os.listdir(output))}"
     else:
         assert snapshot(output) == before, "a refused job changed the earlier run's output folder"
-
-
-def test_the_catalogue_is_large_and_mostly_in_process():
-    assert len(CASES) >= 30
-    assert 3 <= sum(c.process for c in CASES) <= 6

@@ -25,20 +25,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.cli import main
+from helpers import EXPLODING, complete_checkpoints, read_json_if_present, run_cli, small_job
 from launcher.config import load_config
 from loop.train import train
-
-from .reliability_helpers import complete_checkpoints, read_json_if_present, small_job
 
 DISK_FULL = OSError(28, "No space left on device")
 STEPS, SAVE_STEPS = 12, 3
 
 
-def run_cli(args, capsys) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+def run_cli_text(args, capsys) -> tuple[int, str]:
+    """`run_cli` with stdout and stderr together."""
+    code, out, err = run_cli(args, capsys)
+    return code, out + err
 
 
 def resumable_job(folder: Path, model_dir: Path) -> Path:
@@ -79,12 +77,13 @@ def test_an_exploding_learning_rate_fails_with_exit_1_and_keeps_the_earlier_chec
                                                                                        capsys):
     from transformers import AutoModelForCausalLM
 
-    # Linear warmup to an absurd peak: step 1 trains at lr 0, step 2 at 2.5e29, step 3 has no finite gradient.
-    job = small_job(tmp_path, tiny_model_dir, **{
-        "hyperparams.learning_rate": 1e30, "hyperparams.warmup_steps": 4, "hyperparams.max_grad_norm": 0.0,
-        "hyperparams.max_steps": 20, "hyperparams.save_steps": 1, "hyperparams.save_total_limit": 10})
+    # Linear warmup to an exploding peak: step 1 trains at lr 0, so its checkpoint holds the initial weights;
+    # the weights then grow until a step meets a non-finite value (about step 9).
+    job = small_job(tmp_path, tiny_model_dir, **EXPLODING, **{
+        "hyperparams.warmup_steps": 4, "hyperparams.max_steps": 30, "hyperparams.save_steps": 1,
+        "hyperparams.save_total_limit": 30})
     output = tmp_path / "out"
-    code, text = run_cli(["run", job], capsys)
+    code, text = run_cli_text(["run", job], capsys)
     assert code == 1, text
     assert "non-finite" in text and "Traceback" not in text
     result = read_json_if_present(output / "result.json")
@@ -161,7 +160,7 @@ def test_a_full_disk_during_the_second_checkpoint(tmp_path, tiny_model_dir, unin
     job = resumable_job(tmp_path, tiny_model_dir)
     output = tmp_path / "out"
     failed = fill_disk_on_second_checkpoint(monkeypatch, where)
-    code, text = run_cli(["run", job], capsys)
+    code, text = run_cli_text(["run", job], capsys)
     assert failed, "the fault was never injected"
     assert code == 1, text
     result = read_json_if_present(output / "result.json")
@@ -195,7 +194,7 @@ def test_a_full_disk_during_the_final_save(tmp_path, tiny_model_dir, uninterrupt
         raise DISK_FULL
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
-    code, text = run_cli(["run", job], capsys)
+    code, text = run_cli_text(["run", job], capsys)
     assert code == 1, text
     result = read_json_if_present(output / "result.json")
     assert result["success"] is False and "No space left on device" in result["error"]
@@ -304,5 +303,5 @@ def test_an_interrupted_run_does_not_keep_the_output_folder_locked(tmp_path, tin
         train(load_config(job), status_writer=signal_at_step(2, signal.SIGINT))
     lock = output / ".lock"
     owner = json.loads(lock.read_text()) if lock.exists() else None
-    code, text = run_cli(["run", job], capsys)
+    code, text = run_cli_text(["run", job], capsys)
     assert code == 0, f"the rerun was refused (lock left: {owner}, this pid {os.getpid()}):\n{text[-1500:]}"

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from loop.status import read_jsonl
 
-from .reliability_helpers import (
+from helpers import (
     REPO,
     complete_checkpoints,
     launcher_command,

@@ -19,19 +19,18 @@ import time
 
 import pytest
 
-from launcher.cli import main
-from loop.run_dir import MARKER
-
-from .reliability_helpers import (
+from helpers import (
     REPO,
     launcher_command,
     read_json_if_present,
+    run_cli,
     run_launcher,
     small_job,
     snapshot,
     subprocess_env,
     wait_for,
 )
+from loop.run_dir import MARKER
 
 HOST = socket.gethostname()
 
@@ -41,12 +40,6 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
-
-
-def run_cli(args, capsys) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.mark.slow
@@ -96,8 +89,8 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path, tiny_model_dir, capsy
     output = tmp_path / "out"
     output.mkdir()
     (output / ".lock").write_text(lock_text())
-    code, text = run_cli(["run", job], capsys)
-    assert code == 0, text[-2000:]
+    code, out, err = run_cli(["run", job], capsys)
+    assert code == 0, (out + err)[-2000:]
     assert read_json_if_present(output / "result.json")["success"]
     assert not (output / ".lock").exists()
 
@@ -114,7 +107,8 @@ def test_a_lock_of_a_live_or_unknowable_owner_is_respected(tmp_path, tiny_model_
         (output / MARKER).write_text('{"run_id": "earlier"}')
         (output / "sentinel.txt").write_text("an earlier run's file")
         before = snapshot(output)
-        code, text = run_cli(["run", job], capsys)
+        code, out, err = run_cli(["run", job], capsys)
+        text = out + err
         assert code == 2, text[-2000:]
         assert f"in use by process {pid} on {host}" in text and "Traceback" not in text
         assert snapshot(output) == before

@@ -1,4 +1,4 @@
-"""Safety: static checks over the repository's Python sources, and profile names that must not run code.
+"""Safety: static checks over the repository's Python sources, and inputs that must not run code.
 
     pytest tests/reliability/test_safety.py -q
 
@@ -6,24 +6,25 @@ Static (AST, so strings and comments never match): every `torch.load(` passes `w
 `subprocess` call uses `shell=True` (nor the always-shell helpers); no `os.system`/`os.popen`; no
 builtin `eval(`/`exec(`; no unpickling (`pickle.load(s)`); YAML only through `yaml.safe_load`;
 no literal `trust_remote_code=True`. A call that needs an exception goes into ALLOWLIST with its
-reason. Dynamic: `trust_remote_code` defaults to False, and a `profile.name` that points at something
-that is not a profile class ("os:system", "builtins:eval", "nonexistent.module:X", ...) is refused with
-exit 2 and a message, importing nothing but the module it names.
+reason. Attacks, each leaving a file behind if its code ran: a model folder whose config points at
+its own Python code (not run unless `model.trust_remote_code = true`), pickled weights with a payload,
+a chat template that reaches for `os`, and a `profile.name` that points at something that is not a
+profile class ("os:system", "builtins:eval", "nonexistent.module:X", ...), refused with exit 2 and a
+message, importing nothing but the module it names.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import REPO, PicklePayload, model_with_remote_code, run_cli, small_job
 from launcher.cli import main
-from launcher.config import ModelConfig, load_config
-
-from .reliability_helpers import REPO, small_job
 
 SKIP_DIRS = {".venv", "venv", ".git", "__pycache__", "build", "dist", ".eggs", "node_modules", ".mypy_cache",
              ".pytest_cache", ".tox"}
@@ -100,14 +101,12 @@ def problems_in(path: Path) -> list[str]:
     return found
 
 
-def test_there_are_sources_to_check():
-    names = {str(p.relative_to(REPO)) for p in python_sources()}
-    assert {"launcher/cli.py", "launcher/config.py", "loop/train.py", "loop/checkpoint.py", "loop/model.py",
-            "profiles/registry.py"} <= names
-
-
 def test_no_unsafe_calls_in_the_sources():
-    problems = [problem for path in python_sources() for problem in problems_in(path)]
+    import loop.model
+
+    sources = python_sources()
+    assert Path(loop.model.__file__).resolve() in sources  # the scan reaches the code that loads weights
+    problems = [problem for path in sources for problem in problems_in(path)]
     assert not problems, "unsafe calls (fix them, or add them to ALLOWLIST with a reason):\n" + "\n".join(problems)
 
 
@@ -138,11 +137,42 @@ def test_the_checker_finds_what_it_looks_for(tmp_path, monkeypatch):
     assert [int(p.split(":")[1]) for p in problems] == list(range(2, 12)), "\n".join(problems)
 
 
-def test_trust_remote_code_is_off_unless_asked(tmp_path, tiny_model_dir):
-    assert ModelConfig().trust_remote_code is False
-    config = load_config(small_job(tmp_path, tiny_model_dir))
-    assert config.model.trust_remote_code is False
-    assert "trust_remote_code = false" in config.to_toml()
+# --- attacks that would leave a file behind -------------------------------------------------------------
+
+def test_a_model_folders_own_code_never_runs_by_default(tmp_path, tiny_model_dir, capsys):
+    """config.json may name Python files of the folder (`auto_map`); by default the built-in class loads instead."""
+    ran = tmp_path / "remote-code-ran"
+    model = model_with_remote_code(tiny_model_dir, tmp_path / "model", ran)
+    code, out, err = run_cli(["run", small_job(tmp_path, model, **{"hyperparams.max_steps": 1})], capsys)
+    assert code == 0, err[-2000:]
+    assert not ran.exists(), "the model folder's code ran without model.trust_remote_code"
+
+
+def test_pickled_weights_with_a_payload_are_refused_without_running_it(tmp_path, tiny_model_dir, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    ran = tmp_path / "pickle-ran"
+    weights = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save({**weights, "extra": PicklePayload(ran)}, model / "pytorch_model.bin")
+    code, out, err = run_cli(["run", small_job(tmp_path, model)], capsys)
+    assert code != 0, out[-2000:]
+    assert not ran.exists(), "the pickled weights ran code"
+    assert not (tmp_path / "out").exists()  # refused before the output folder was touched
+
+
+def test_a_chat_template_that_reaches_for_os_is_refused(tmp_path, tiny_model_dir, capsys):
+    """Templates render in transformers' Jinja sandbox: attribute walks to `os` raise instead of running."""
+    ran = tmp_path / "template-ran"
+    (tmp_path / "template.jinja").write_text(
+        f"{{{{ cycler.__init__.__globals__.os.system('touch {ran}') }}}}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}")
+    code, out, err = run_cli(["validate", small_job(tmp_path, tiny_model_dir, **{
+        "data.chat_template": "template.jinja"})], capsys)
+    assert code == 2 and "SecurityError" in err and "Traceback" not in out + err, err[-2000:]
+    assert not ran.exists(), "the chat template ran a shell command"
 
 
 # --- profile names ---------------------------------------------------------------------------------------
