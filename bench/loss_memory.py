@@ -269,6 +269,7 @@ def run(quick: bool = False) -> list:
 
     fused, logits, trainer = results["ours, fused"], results["ours, logits"], results["Trainer"]
     bound = " (at least: stopped at the limit)" if fused["timed_out"] else ""
+    planned = plan_peaks(model_dir, batch_size, tokens)
     rows = []
     for other in ("Trainer", "ours, logits"):
         ratio = training_peak("ours, fused") / training_peak(other)
@@ -278,7 +279,8 @@ def run(quick: bool = False) -> list:
             target=f"<= {TARGET_MEMORY}x", met=verdict(ratio <= TARGET_MEMORY) if not fused["timed_out"] else "",
             detail=f"ours, fused {training_peak('ours, fused') / 2**30:.2f} GiB{bound}; {other} "
                    f"{training_peak(other) / 2**30:.2f} GiB (peak resident memory above the start of set-up, "
-                   "fresh process each)",
+                   f"fresh process each); `python -m launcher plan` predicts {planned['fused'] / 2**30:.2f} GiB "
+                   f"fused and {planned['logits'] / 2**30:.2f} GiB on the logits path",
             raw={name: results[name] for name in results}))
     if fused["timed_out"] or logits["timed_out"]:
         value, met = f"> {limit / logits['step_sec']:.1f}x" if logits["step_sec"] else "n/a", "no"
@@ -295,6 +297,15 @@ def run(quick: bool = False) -> list:
                 f"{_default_chunk(2 * tokens)}), and reads the {VOCAB:,} x {SHAPE['hidden_size']} output weight about"
                 " five times a chunk")))
     return rows
+
+
+def plan_peaks(model_dir: Path, batch_size: int, tokens: int) -> dict[str, float]:
+    """The memory plan's peaks for this step on CPU, fused and logits (launcher/plan.py)."""
+    from launcher.plan import Setup, estimate, load_shape
+
+    shape, tensors = load_shape(str(model_dir))
+    return {loss: estimate(shape, Setup(micro_batch=batch_size, seq_len=tokens, precision="fp32", device="cpu",
+                                        loss=loss), tensors).peak for loss in ("fused", "logits")}
 
 
 def _default_chunk(rows: int) -> int:

@@ -195,8 +195,8 @@ def run(quick: bool = False) -> list[Row]:
                    f"{median([r['trained_per_sec'] for r in results['TRL']]):,.0f} over {t['steps']} steps "
                    f"({t['trained']:,} of {t['computed']:,})",
             raw={"ours": results["ours"], "TRL": results["TRL"]}),
-        Row(bench="TRL SFTTrainer", figure="computed (non-padding) tokens/s: ours / TRL", value=f"{median(computed):.2f}x",
-            spread=spread(computed, "{:.2f}", "x")),
+        Row(bench="TRL SFTTrainer", figure="computed (non-padding) tokens/s: ours / TRL",
+            value=f"{median(computed):.2f}x", spread=spread(computed, "{:.2f}", "x")),
     ]
 
 

@@ -17,6 +17,7 @@ Exit codes of `main_plan`: 0 the job's micro-batch fits, 1 it does not; a bad jo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -123,6 +124,9 @@ class ModelShape:
 
     def tensors(self) -> list[Tensor]:
         """The parameter tensors, named as in a Hugging Face checkpoint of a Llama/Qwen-style model."""
+        return list(_shape_tensors(self))
+
+    def _tensors(self) -> tuple[Tensor, ...]:
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         out = [Tensor("model.embed_tokens.weight", (self.vocab_size, h), "embed")]
         projections = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
@@ -144,7 +148,7 @@ class ModelShape:
         out.append(Tensor("model.norm.weight", (h,), "norm"))
         if not self.tied_embeddings:
             out.append(Tensor("lm_head.weight", (self.vocab_size, h), "head"))
-        return out
+        return tuple(out)
 
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors())
@@ -153,6 +157,11 @@ class ModelShape:
         return (f"hidden {self.hidden_size}, {self.num_layers} layers, {self.num_heads} heads ({self.num_kv_heads} "
                 f"kv, head dim {self.head_dim}), intermediate {self.intermediate_size}, vocab {self.vocab_size:,}, "
                 f"{'tied' if self.tied_embeddings else 'separate'} input and output embeddings")
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_tensors(shape: ModelShape) -> tuple[Tensor, ...]:
+    return shape._tensors()  # the plan asks for them once per micro-batch it tries
 
 
 def checkpoint_tensors(folder: str | Path) -> list[Tensor] | None:
@@ -282,7 +291,8 @@ class Setup:
                 name for name, on in (("optimizer states", self.offload_optimizer), ("weights", self.offload_params))
                 if on) + " to CPU"
         return (f"{mode}, {precision}, {self.optimizer}, {self.loss} loss, gradient checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'}, {self.attn_implementation} attention, "
+                f"{'on' if self.gradient_checkpointing else 'off'}, "
+                f"{'sdpa (auto)' if self.attn_implementation == 'auto' else self.attn_implementation} attention, "
                 f"{sharding}")
 
 
@@ -324,8 +334,8 @@ def trainable_tensors(tensors: list[Tensor], setup: Setup) -> tuple[list[Tensor]
     for t in tensors:
         if t.role == "linear" and t.module in setup.lora_targets:
             out_features, in_features = t.shape
-            adapters.append(Tensor(t.name.replace(".weight", ".lora_A.weight"), (setup.lora_r, in_features), "adapter"))
-            adapters.append(Tensor(t.name.replace(".weight", ".lora_B.weight"), (out_features, setup.lora_r), "adapter"))
+            for adapter, shape in (("lora_A", (setup.lora_r, in_features)), ("lora_B", (out_features, setup.lora_r))):
+                adapters.append(Tensor(t.name.replace(".weight", f".{adapter}.weight"), shape, "adapter"))
         if any(t.name.split(".")[-2] == module or f".{module}." in f".{t.name}" for module in setup.modules_to_save):
             copies.append(Tensor(t.name + ".copy", t.shape, t.role))
         if t.role == "embed" and "lm_head" in setup.modules_to_save and not any(u.role == "head" for u in tensors):
@@ -519,9 +529,9 @@ def estimate(shape: ModelShape, setup: Setup, tensors: list[Tensor] | None = Non
                                 f"{_gib(all_layers + head_saved)} GiB")
     else:
         layers_saved, recompute = all_layers, 0.0
+        checkpointed = (shape.num_layers * h * setup.residual_bytes + per_layer) * tokens + head_saved
         notes["activations"] = (f"{shape.num_layers} layers x {per_layer / 1024:.1f} KiB a token x {tokens:,} "
-                                f"tokens; with checkpointing "
-                                f"{_gib(shape.num_layers * h * setup.residual_bytes * tokens + per_layer * tokens + head_saved)} GiB")
+                                f"tokens; with checkpointing {_gib(checkpointed)} GiB")
     loss = loss_bytes(shape, setup)
     if setup.loss == "logits":
         # forward: the logits (and their float32 copy under 16 bits) and the log-probabilities

@@ -183,6 +183,10 @@ def launch_ray(config: JobConfig) -> TrainingResult:
     `_ray_worker`, and the loop's Accelerator takes that group as it is: the same loop, data shards
     and checkpoints as under `accelerate launch`. Uses the cluster in RAY_ADDRESS (or one this
     process already joined), else starts a local one for this job and stops it afterwards.
+
+    A SIGTERM here ends the run through Ray's own handler, without a last checkpoint: Ray calls the
+    workers' function in a thread, where the loop cannot install its signal handlers. The rerun
+    resumes from the newest step checkpoint.
     """
     try:
         import ray
@@ -209,15 +213,9 @@ def launch_ray(config: JobConfig) -> TrainingResult:
                                          timeout_s=config.launch.timeout_minutes * 60),
                 run_config=RunConfig(name="trainer-engine", storage_path=storage))
             try:
-                with _raising_on_stop_signals():
-                    value = trainer.fit().return_value
+                value = trainer.fit().return_value
             except TrainingFailedError as error:
                 return TrainingResult(success=False, error=f"a Ray Train worker failed: {error}")
-            except _StopSignal as stop:
-                # Ray runs the train function in a thread, where no signal handler can be installed,
-                # so the workers cannot save a last checkpoint (loop/preemption.py would need a hook).
-                return TrainingResult(success=False, error=f"stopped by {stop}: Ray Train workers stop without a last "
-                                      "checkpoint; rerun the same command to resume from the newest step checkpoint")
     finally:
         if started_ray:
             ray.shutdown()
@@ -244,23 +242,6 @@ def _ray_worker(payload: dict) -> str:
         except ConfigError as error:
             return json.dumps({"refused": str(error)})
     return result.to_json()
-
-
-class _StopSignal(Exception):
-    """SIGTERM, SIGUSR1 or SIGINT while Ray Train runs the job."""
-
-
-@contextlib.contextmanager
-def _raising_on_stop_signals():
-    def stop(signum, frame):
-        raise _StopSignal(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
