@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--quick", action="store_true", help="masks only (no training)")
     check.add_argument("--scratch", metavar="DIR", help="keep the proof runs in DIR (default: a temporary folder, "
                                                      "removed afterwards); compare two of them with `diff`")
+    job_command("prepare", "Tokenize, split and pack the data into the cache ahead of training.")
+    plan = job_command("plan", "Predicted peak memory per device, by term, and the micro-batch that fits.")
+    plan.add_argument("--gpus", type=int, default=None, metavar="N", help="devices to plan for (default: the job's)")
+    plan.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory per device, e.g. 80GB")
     demo = commands.add_parser("demo", help="Build the tiny offline model and train the example job on it.")
     demo.add_argument("--model-dir", default=str(REPO_ROOT / "examples" / "tiny-model"))
     demo.add_argument("--job", default=str(REPO_ROOT / "examples" / "demo_job.toml"))
@@ -86,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_diff(args.run_a, args.run_b)
         overrides = dict(parse_override(item) for item in args.overrides)
+        if args.command == "plan":
+            from launcher.plan import main_plan
+
+            return main_plan(args.job, args.gpus, args.gpu_memory, overrides)
+        if args.command == "prepare":
+            from launcher.prepare import main_prepare
+
+            return main_prepare(args.job, overrides)
         config = load_config(args.job, overrides=overrides)
         if args.command == "validate":
             return _validate(config)

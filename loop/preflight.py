@@ -118,7 +118,7 @@ def name_lost_ranks() -> str | None:
 
     A rank whose heartbeat counter does not move for `LOST_AFTER_SECONDS` has stopped (killed,
     crashed, or its machine is lost); ranks still blocked in a collective keep beating. When the
-    store itself is unreachable, node 0 (which hosts it) is the one that was lost.
+    store itself is unreachable, node 0 (which holds it) is the one that was lost.
     """
     heartbeat = _Heartbeat.current
     if heartbeat is None:
@@ -135,8 +135,8 @@ def name_lost_ranks() -> str | None:
             left = [heartbeat.reader.check([f"left/{rank}"]) for rank in range(heartbeat.world_size)]
             heartbeat.reader.set(f"left/{heartbeat.rank}", "1")
         except (torch.distributed.DistError, OSError) as error:
-            return (f"the rendezvous store on node 0 cannot be reached ({_first_line(error)}): node 0 "
-                    "(the machine of rank 0) was lost")
+            return (f"the rendezvous store at MASTER_ADDR:MASTER_PORT cannot be reached ({_first_line(error)}): "
+                    "node 0, which holds it, was lost")
     lost = [rank for rank in range(heartbeat.world_size)
             if after[rank] == before[rank] and not left[rank] and rank != heartbeat.rank]
     if not lost:
