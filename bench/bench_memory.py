@@ -43,15 +43,14 @@ on these machines is about +/-12%, ENVIRONMENT.md).
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 from bench.common import REPO_ROOT, Row, alternate, configure_process, log, markdown_table, median, spread, workspace
+from tests.helpers import in_fresh_process
 
 NAME = "memory"
 LORA = {"lora.enabled": True, "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05, "lora.target_modules": "all-linear"}
@@ -185,30 +184,6 @@ def measure(spec: dict, what: str) -> dict:
     # What the weights take (4-bit ones as stored), for reading alongside the peak.
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"training_peak": peak_rss_bytes() - baseline, "weights": weights, "trainable": trainable, "total": total}
-
-
-def in_fresh_process(task: Callable[[], dict]) -> dict:
-    """`task()` in a child forked from this process (which has imported, but never computed)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(read_end)
-        code = 0
-        try:
-            payload = {"ok": task()}
-        except BaseException as error:  # reported to the parent, which raises
-            payload, code = {"error": f"{type(error).__name__}: {error}"}, 1
-        with os.fdopen(write_end, "w") as out:
-            out.write(json.dumps(payload))
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        text = pipe.read()
-    os.waitpid(pid, 0)
-    payload = json.loads(text) if text else {"error": "the child died without a report"}
-    if "error" in payload:
-        raise RuntimeError(payload["error"])
-    return payload["ok"]
 
 
 def build_bench_model(folder: Path, shape: dict) -> Path:

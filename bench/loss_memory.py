@@ -193,16 +193,11 @@ def build_data(folder: Path, rows: int, tokens: int) -> tuple[Path, Path]:
     if not (model_dir / "config.json").exists():
         model_dir.mkdir(parents=True, exist_ok=True)
         _build_wide_vocab_model(model_dir, build_tokenizer(model_dir, vocab_size=512), **SHAPE)
-    words = ("the model reads each token once and the loss looks at every row of the vocabulary for every "
-             "position so the logits grow with the vocabulary and the sequence").split()
-    records = []
-    for i in range(rows):
-        reply = " ".join(words[(i + j) % len(words)] for j in range(tokens * 2))  # > `tokens` tokens
-        records.append({"messages": [{"role": "user", "content": f"Question {i}: say it at length."},
-                                     {"role": "assistant", "content": reply}]})
-    data = folder / "long.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return model_dir, data
+    from bench.common import sized_chat_records
+    from tests.helpers import write_jsonl
+
+    records = sized_chat_records(rows, model_dir, lengths="uniform", low=2 * tokens, high=2 * tokens)
+    return model_dir, write_jsonl(folder / "long.jsonl", records)
 
 
 def _build_wide_vocab_model(folder: Path, tokenizer, *, hidden_size: int, num_layers: int, num_heads: int,
@@ -219,20 +214,14 @@ def _build_wide_vocab_model(folder: Path, tokenizer, *, hidden_size: int, num_la
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
 
 
-def write_job(folder: Path, model_dir: Path, data: Path, tokens: int, batch_size: int) -> Path:
-    from launcher.config import toml_value
+def write_job_file(folder: Path, model_dir: Path, data: Path, tokens: int, batch_size: int) -> Path:
+    from tests.helpers import write_job
 
-    values = {"model": {"model_path": str(model_dir)},
-              "data": {"dataset_path": str(data), "max_length": tokens, "too_long": "truncate", "shuffle": False,
-                       "cache_dir": str(folder / "cache")},
-              "hyperparams": {"batch_size": batch_size, "gradient_accumulation": 1, "max_steps": 1,
-                              "fp_precision": "fp32", "learning_rate": 1e-4, "save_steps": 0},
-              "output": {"output_dir": str(folder / "out"), "overwrite": True, "resume": "never"},
-              "environment": {"logging_steps": 1}}
-    path = folder / "job.toml"
-    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in keys.items()) + "\n"
-                              for section, keys in values.items()), encoding="utf-8")
-    return path
+    return write_job(folder, model_dir, **{
+        "data.dataset_path": str(data), "data.max_length": tokens, "data.too_long": "truncate", "data.shuffle": False,
+        "hyperparams.batch_size": batch_size, "hyperparams.gradient_accumulation": 1, "hyperparams.max_steps": 1,
+        "hyperparams.fp_precision": "fp32", "hyperparams.learning_rate": 1e-4, "hyperparams.save_steps": 0,
+        "output.overwrite": True, "output.resume": "never", "environment.logging_steps": 1})
 
 
 def run(quick: bool = False) -> list:
@@ -244,7 +233,7 @@ def run(quick: bool = False) -> list:
     limit = 240 if quick else 900
     folder = workspace() / "loss-memory"
     model_dir, data = build_data(folder, rows=4 * batch_size, tokens=tokens)
-    job = write_job(folder, model_dir, data, tokens, batch_size)
+    job = write_job_file(folder, model_dir, data, tokens, batch_size)
     config = load_config(job)
     prepared = build_datasets(config, load_tokenizer(config))  # tokenized once; every child reads the cache
     train_dir = str(prepared.cache_path / "train")

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.common import Row, alternate, log, main_for, median, spread, workspace
+from tests.helpers import job_config, random_batch
 
 NAME = "optimizers"
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor")
@@ -59,7 +60,6 @@ def run(quick: bool = False) -> list[Row]:
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.config import config_from_dict
     from launcher.plan import Setup, Tensor, optimizer_state_bytes
     from loop.model import build_model
     from loop.train import build_optimizer
@@ -67,22 +67,20 @@ def run(quick: bool = False) -> list[Row]:
     rounds, steps = (1, 3) if quick else (3, 5)
     model_dir = build_model_folder(workspace() / "optimizers-model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = torch.randint(0, len(tokenizer), (1, TOKENS), generator=torch.Generator().manual_seed(0))
-
-    base_config = config_from_dict({"model": {"model_path": str(model_dir)},
-                                    "data": {"dataset_path": "unused.jsonl"}, "output": {"output_dir": "unused"},
-                                    "hyperparams": {"fp_precision": "fp32", "weight_decay": 0.01}},
-                                   check_environment=False)
+    batch = random_batch(len(tokenizer), rows=1, length=TOKENS)
+    base_config = job_config(model_dir, "unused", **{"hyperparams.weight_decay": 0.01})
     torch.manual_seed(0)
     model = build_model(base_config, tokenizer)
     model.train()
     started = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()  # the gradients every optimizer steps with
+    model(**batch).loss.backward()  # the gradients every optimizer steps with
     forward_backward = time.perf_counter() - started
     built = {}
     for name in OPTIMIZERS:
         config = replace(base_config, hyperparams=replace(base_config.hyperparams, optimizer=name))
-        copy = deepcopy(model)  # weights and gradients
+        copy = deepcopy(model)
+        for source, target in zip(model.parameters(), copy.parameters()):
+            target.grad = None if source.grad is None else source.grad.clone()  # deepcopy leaves gradients out
         optimizer = build_optimizer(copy, config)
         optimizer.step()  # allocates the state
         trainable = [Tensor(n, tuple(p.shape), "linear" if p.ndim >= 2 else "norm")

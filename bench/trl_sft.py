@@ -7,10 +7,11 @@ TRL is the reference a user would otherwise reach for; it is imported only here,
 reports itself skipped when it is not installed.
 
 The data: one-turn chat records whose rendered lengths follow a lognormal distribution (median
-about 110 tokens, a long tail, clipped to 16-1024), generated here. The model: Qwen3-shaped, hidden
-256, 4 layers, intermediate 1024, a byte-level BPE vocabulary of 2,048, random weights, fp32. The
-tokenizer's chat template is ChatML with `{% generation %}` markers, so both train exactly the
-assistant tokens: TRL through `assistant_only_loss=True`, ours through the default profile.
+about 110 tokens, a long tail, clipped to 16-1024; `bench.common.sized_chat_records`). The model:
+Qwen3-shaped, hidden 256, 4 layers, intermediate 1024, a byte-level BPE vocabulary of 2,048, random
+weights, fp32. The tokenizer's chat template is ChatML with `{% generation %}` markers, so both
+train exactly the assistant tokens: TRL through `assistant_only_loss=True`, ours through the default
+profile.
 
 - ours: `loop.train.train` with `data.packing = true`, `data.max_length = 1024`, one packed row a
   micro-batch, one epoch;
@@ -30,12 +31,12 @@ ours / TRL, the median with the min-max over rounds. The details add the tokens 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
 
-from bench.common import Row, alternate, log, main_for, median, spread, verdict, workspace
+from bench.common import Row, alternate, log, main_for, median, sized_chat_records, spread, verdict, workspace
+from tests.helpers import write_job, write_jsonl
 
 NAME = "trl"
 TARGET = 1.5
@@ -66,34 +67,13 @@ def build_model_folder(folder: Path) -> Path:
     return folder
 
 
-def chat_records(count: int, seed: int = 0) -> list[dict]:
-    """`count` records; about 1.3 tokens a word with this tokenizer, so words = tokens / 1.3."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(count):
-        target = int(min(1024, max(16, rng.lognormvariate(math.log(110), 1.0))))
-        words = max(2, round((target - 14) / 1.3))
-        user = max(1, round(words * rng.uniform(0.1, 0.5)))
-        records.append({"messages": [
-            {"role": "user", "content": " ".join(rng.choices(WORDS, k=user))},
-            {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=max(1, words - user)))}]})
-    return records
-
-
-def write_job(folder: Path, model_dir: Path, data: Path) -> Path:
-    from launcher.config import toml_value
-
-    values = {"model": {"model_path": str(model_dir)},
-              "data": {"dataset_path": str(data), "max_length": MAX_LENGTH, "packing": True,
-                       "cache_dir": str(folder / "cache")},
-              "hyperparams": {"batch_size": 1, "gradient_accumulation": 1, "num_epochs": 1, "learning_rate": 1e-4,
-                              "lr_scheduler": "cosine", "fp_precision": "fp32", "save_steps": 0, "seed": 42},
-              "output": {"output_dir": str(folder / "out"), "overwrite": True, "resume": "never"},
-              "environment": {"logging_steps": 5}}
-    path = folder / "job.toml"
-    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in keys.items()) + "\n"
-                              for section, keys in values.items()), encoding="utf-8")
-    return path
+def write_job_file(folder: Path, model_dir: Path, data: Path) -> Path:
+    return write_job(folder, model_dir, **{
+        "data.dataset_path": str(data), "data.max_length": MAX_LENGTH, "data.packing": True,
+        "hyperparams.batch_size": 1, "hyperparams.gradient_accumulation": 1, "hyperparams.num_epochs": 1,
+        "hyperparams.learning_rate": 1e-4, "hyperparams.lr_scheduler": "cosine", "hyperparams.fp_precision": "fp32",
+        "hyperparams.save_steps": 0, "hyperparams.seed": 42, "output.overwrite": True, "output.resume": "never",
+        "environment.logging_steps": 5})
 
 
 def ours(job: Path, output: Path) -> dict:
@@ -174,9 +154,9 @@ def run(quick: bool = False) -> list[Row]:
     rounds, count = (1, 120) if quick else (2, 320)
     folder = workspace() / "trl"
     model_dir = build_model_folder(folder / "model")
-    data = folder / f"chat-{count}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(count)), encoding="utf-8")
-    job = write_job(folder, model_dir, data)
+    data = write_jsonl(folder / f"chat-{count}.jsonl",
+                       sized_chat_records(count, model_dir, lengths="lognormal", low=16, high=MAX_LENGTH))
+    job = write_job_file(folder, model_dir, data)
     log(f"{NAME}: {count} chat records, packed into rows of up to {MAX_LENGTH} tokens; {rounds} round(s)")
     results = alternate(rounds, {
         "ours": lambda i: ours(job, folder / f"ours-{i}"),

@@ -840,6 +840,8 @@ def plan_job(config: JobConfig, *, gpus: int | None = None, gpu_memory: str | No
              device: str = "cuda") -> Plan:
     """The memory plan of a job on `gpus` devices (default: the job's processes) of `gpu_memory`
     (default: this machine's first GPU, else 80 GB)."""
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: expected 1 or more")
     shape, tensors = load_shape(config.model.model_path, config.model.trust_remote_code)
     warnings = []
     if tensors is not None:
@@ -853,8 +855,6 @@ def plan_job(config: JobConfig, *, gpus: int | None = None, gpu_memory: str | No
     topology = read_topology(config)
     job_processes = topology.num_processes
     setup = setup_from_job(config, shape, topology, device=device, num_processes=gpus)
-    if gpus is not None and gpus < 1:
-        raise ConfigError("--gpus: expected 1 or more")
     if gpu_memory:
         device_bytes, device_source = parse_memory(gpu_memory), "--gpu-memory"
     else:

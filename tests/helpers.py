@@ -280,6 +280,33 @@ def model_with_remote_code(model_dir: str | Path, folder: str | Path, ran: str |
     return folder
 
 
+def in_fresh_process(task: Callable[[], Any]) -> Any:
+    """`task()` in a child forked from this process (POSIX); its JSON-able result. The child's exception
+    is raised here as a RuntimeError with its traceback. For measuring memory from a clean start."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_end)
+        code = 0
+        try:
+            payload = {"ok": task()}
+        except BaseException as error:  # reported to the parent, which raises
+            import traceback
+
+            payload, code = {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, 1
+        with os.fdopen(write_end, "w") as out:
+            out.write(json.dumps(payload))
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    payload = json.loads(text) if text else {"error": "the child died without a report"}
+    if "error" in payload:
+        raise RuntimeError(payload["error"])
+    return payload["ok"]
+
+
 # --- models --------------------------------------------------------------------------------------
 
 def random_batch(vocab_size: int, rows: int = 2, length: int = 24, seed: int = 0) -> dict:

@@ -29,7 +29,7 @@ TIMEOUT = 400
 
 SRUN = '''#!{python}
 """srun for tests: start the task once per node of the allocation, on this machine, as srun starts it on
-each node; pass on the signals srun passes on; with --kill-on-bad-exit, stop the others when one fails."""
+each node, and pass on the signals srun passes on; exit with the highest exit code of the tasks."""
 import os, signal, subprocess, sys, time
 
 args = sys.argv[1:]
@@ -50,14 +50,7 @@ def forward(signum, frame):
 
 for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"):
     signal.signal(getattr(signal, name), forward)
-ending = None
 while any(task.poll() is None for task in tasks):
-    failed = any(task.poll() not in (None, 0) for task in tasks)
-    if failed and "--kill-on-bad-exit=1" in options and ending is None:
-        ending = time.monotonic()  # SLURM ends the step: SIGTERM now, SIGKILL after KillWait (30 s)
-        forward(signal.SIGTERM, None)
-    if ending is not None and time.monotonic() - ending > 30:
-        forward(signal.SIGKILL, None)
     time.sleep(0.1)
 sys.exit(max(task.returncode for task in tasks))
 '''
