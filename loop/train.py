@@ -153,6 +153,9 @@ def windows(loader, accelerator, accumulation: int, start_epoch: int, start_batc
     for epoch in itertools.count(start_epoch):
         epoch_loader = loader
         if epoch == start_epoch and start_batch:
+            # The skipping loader is built from the current sampler state: set the epoch first, or with
+            # several processes a mid-epoch resume skips into another epoch's order.
+            loader.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, start_batch)
         epoch_loader.set_epoch(epoch)
         batches = iter(epoch_loader)
