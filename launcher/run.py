@@ -43,6 +43,14 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     """Run the job and return its result; raises `ConfigError` if the job is refused before training."""
     if should_launch(config):
         return launch_ray(config) if config.launch.backend == "ray" else launch(config)
+    result = run_here(config, status_writer)
+    if result.success:
+        _leave_process_group()
+    return result
+
+
+def run_here(config: JobConfig, status_writer=None) -> TrainingResult:
+    """Train in this process, as one rank of whatever process group the launcher set up."""
     _adopt_slurm_environment()
     from loop import preflight
     from loop.train import train
@@ -51,6 +59,7 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     try:
         result = train(config, status_writer=status_writer)
     except ConfigError as error:
+        preflight.stop_heartbeat()
         # Tell the process that launched us why, so it can refuse the job in one clear message.
         folder = os.environ.get(HANDOFF_ENV)
         if folder and int(os.environ.get("RANK", "0")) == 0:
@@ -58,6 +67,7 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
         raise
     if not result.success and not result.summary.get("preempted"):
         _name_lost_ranks(result, config.output_path)
+    preflight.stop_heartbeat()
     folder = os.environ.get(HANDOFF_ENV)
     if folder and not result.success:
         # A rank that failed before the output folder was owned writes nothing there: hand the
@@ -66,6 +76,21 @@ def run_job(config: JobConfig, status_writer=None) -> TrainingResult:
     if int(os.environ.get("RANK", "0")) == 0 and (config.output_path / "result.json").exists():
         _maybe_write_report(config.output_path)
     return result
+
+
+def _leave_process_group() -> None:
+    """Tear down the process group the launch set up, once the run has finished.
+
+    Left to interpreter exit, gloo's threads can be destroyed while still joinable, and a rank that
+    has written a successful result aborts with SIGABRT ("terminate called without an active
+    exception"), so its launcher reports a failure. Only after success: every rank has passed the
+    final save's barrier, so no collective is pending (after a failure one may be, and tearing
+    down could wait on a peer that is gone).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _name_lost_ranks(result: TrainingResult, output_dir: Path) -> None:
@@ -238,7 +263,7 @@ def _ray_worker(payload: dict) -> str:
         job_file = Path(folder) / "job.toml"
         job_file.write_text(payload["job"], encoding="utf-8")
         try:
-            result = run_job(load_config(job_file))
+            result = run_here(load_config(job_file))  # Ray tears down the process group it set up
         except ConfigError as error:
             return json.dumps({"refused": str(error)})
     return result.to_json()

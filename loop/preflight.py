@@ -113,6 +113,11 @@ def check_cluster(accelerator, config: JobConfig) -> None:
         _Heartbeat.start(me.rank, len(members), seconds)
 
 
+def stop_heartbeat() -> None:
+    """Stop this rank's heartbeat once the run is over (after `name_lost_ranks`, if it failed)."""
+    _Heartbeat.stop()
+
+
 def name_lost_ranks() -> str | None:
     """After a failed multi-node run: which ranks are gone, with their nodes; None when none is.
 
@@ -374,12 +379,22 @@ class _Heartbeat:
         self.rank, self.world_size = rank, world_size
         self.reader = _open_store(seconds)
         self._writer = _open_store(seconds)
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="trainer-engine-heartbeat", daemon=True)
 
     @classmethod
     def start(cls, rank: int, world_size: int, seconds: float) -> None:
         cls.current = cls(rank, world_size, seconds)
         cls.current._thread.start()
+
+    @classmethod
+    def stop(cls) -> None:
+        """End the beat and wait for the thread: a daemon thread still inside a store call when the
+        interpreter exits can abort the process (SIGABRT) after it has written its result."""
+        heartbeat, cls.current = cls.current, None
+        if heartbeat is not None:
+            heartbeat._stopped.set()
+            heartbeat._thread.join(timeout=HEARTBEAT_SECONDS + 5)
 
     def _beat(self) -> None:
         key = f"heartbeat/{self.rank}"
@@ -388,7 +403,8 @@ class _Heartbeat:
                 self._writer.add(key, 1)
             except (torch.distributed.DistError, OSError):
                 return  # the store went away with node 0; name_lost_ranks says so
-            time.sleep(HEARTBEAT_SECONDS)
+            if self._stopped.wait(HEARTBEAT_SECONDS):
+                return
 
     def counts(self) -> list[int]:
         return [self.reader.add(f"heartbeat/{rank}", 0) for rank in range(self.world_size)]
