@@ -4,10 +4,12 @@
     .venv/bin/python scripts/reliability_figures.py --long     # long form: 40 kill trials (15-20 minutes)
     .venv/bin/python scripts/reliability_figures.py --seed 7 -- -k kill   # extra pytest arguments after --
 
-It runs `pytest tests/reliability -q --junitxml=...` with RELIABILITY_STATS_DIR set (the kill test
-writes its trial statistics there), then replaces this form's section of the markdown file (the
-other form's section is kept): date, kill trials and where they landed, signals, bad inputs, and
-passed/failed counts per category, with the failures named. The exit status is pytest's.
+It runs `pytest tests/reliability` and the property tests (`tests/test_config_properties.py`,
+`tests/test_data_properties.py`) with `--junitxml=...` and RELIABILITY_STATS_DIR set (the kill test
+writes its trial statistics there, tests/conftest.py the number of hypothesis examples run), then
+replaces this form's section of the markdown file (the other form's section is kept): date, kill
+trials and where they landed, property examples, signals, bad inputs, and passed/failed counts per
+category, with the failures named. The exit status is pytest's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ CATEGORIES = {  # test file -> category (signals are picked out of test_failures
     "test_output_lock": "one output folder, one run",
     "test_bad_inputs": "bad inputs",
     "test_safety": "safety",
+    "test_hostile": "a hostile tester's defects",
+    "test_config_properties": "property tests: job files",
+    "test_data_properties": "property tests: data records",
 }
+SUITES = ["tests/reliability", "tests/test_config_properties.py", "tests/test_data_properties.py"]
 SIGNALS = "signals"
 SIGNAL_NAME = re.compile(r"sigterm|sigusr1|sigint|ctrl_c|interrupted")
 LANDED = [("startup", "start-up (before training)"), ("training", "training"),
@@ -52,7 +58,7 @@ def parse_args(argv=None):
 
 
 def run_suite(args, stats_dir: Path, junit: Path) -> tuple[int, float]:
-    command = [sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "no:cacheprovider",
                f"--junitxml={junit}", *args.pytest_args]
     if args.long:
         command.append("--long")
@@ -90,12 +96,13 @@ def category_of(case: dict) -> str:
     return CATEGORIES.get(case["file"], case["file"])
 
 
-def section(form: str, cases: list[dict], kills: dict | None, code: int, elapsed: float, args) -> str:
+def section(form: str, cases: list[dict], kills: dict | None, examples: dict | None, code: int, elapsed: float,
+            args) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python scripts/reliability_figures.py" + (" --long" if args.long else "") + \
         (f" --seed {args.seed}" if args.seed is not None else "")
     lines = [f"## {form.capitalize()} form, {now}", "",
-             f"`{command}` ran `pytest tests/reliability -q{' --long' if args.long else ''}` in "
+             f"`{command}` ran `pytest {' '.join(SUITES)} -q{' --long' if args.long else ''}` in "
              f"{elapsed / 60:.1f} min; pytest exit status {code}.", ""]
 
     lines += ["### Kill anywhere", ""]
@@ -112,6 +119,14 @@ def section(form: str, cases: list[dict], kills: dict | None, code: int, elapsed
         lines += ["", f"Kill moments chosen by: {modes}.", ""]
     else:
         lines += ["No statistics: the kill test did not run (deselected, or it failed before writing them).", ""]
+
+    lines += ["### Property tests", ""]
+    if examples:
+        lines += [f"Hypothesis ran **{examples.get('passed', 0) + examples.get('failed', 0)} examples** "
+                  f"({examples.get('failed', 0)} failing) of generated job files and data records; "
+                  f"{examples.get('gave_up', 0)} more were discarded by the strategies' filters.", ""]
+    else:
+        lines += ["No statistics: the property tests did not run.", ""]
 
     by_category: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for case in cases:
@@ -179,10 +194,12 @@ def main(argv=None) -> int:
         cases = read_junit(junit)
         kill_file = stats_dir / "kill_anywhere.json"
         kills = json.loads(kill_file.read_text()) if kill_file.exists() else None
+        examples_file = stats_dir / "property_examples.json"
+        examples = json.loads(examples_file.read_text()) if examples_file.exists() else None
     if not cases:
         print(f"pytest wrote no report (exit status {code}); {args.output} left as it was", file=sys.stderr)
         return code or 1
-    update_markdown(args.output, form, section(form, cases, kills, code, elapsed, args))
+    update_markdown(args.output, form, section(form, cases, kills, examples, code, elapsed, args))
     print(f"wrote the {form} form's section of {args.output}")
     return code
 

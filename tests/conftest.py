@@ -12,12 +12,48 @@ Plain helpers (job files, chat records, launcher processes) are in tests/helpers
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import chat_records, write_job, write_jsonl  # noqa: F401  (test_data.py imports the last from here)
+from helpers import LONG_FORM_ENV, STATS_ENV, chat_records, write_job, write_jsonl, write_stats  # noqa: F401
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help=f"the long forms: 40 kill trials, thousands of property examples (or {LONG_FORM_ENV}=1)")
+
+
+def pytest_configure(config):
+    # Through the environment, so that module-level settings and subprocesses see it too.
+    if config.getoption("--long"):
+        os.environ[LONG_FORM_ENV] = "1"
+    if os.environ.get(STATS_ENV):
+        _count_property_examples()
+
+
+PROPERTY_EXAMPLES: Counter = Counter()
+"""Hypothesis test cases run, by outcome, when scripts/reliability_figures.py asks for statistics."""
+
+
+def _count_property_examples() -> None:
+    # Hypothesis reports each test case it runs to observability callbacks; coverage is not wanted.
+    from hypothesis.internal import observability
+
+    observability.OBSERVABILITY_COLLECT_COVERAGE = False
+
+    def count(observation, thread_id):
+        if observation.type == "test_case":
+            PROPERTY_EXAMPLES[observation.status] += 1
+
+    observability.add_observability_callback(count, all_threads=True)
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get(STATS_ENV):
+        write_stats("property_examples", dict(PROPERTY_EXAMPLES))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,6 +32,17 @@ TOPICS = ["the capital of France", "reversing a list in Python", "gradient desce
           "good morning in Spanish", "the plot of a heist film", "photosynthesis", "SQL GROUP BY"]
 
 
+LONG_FORM_ENV = "TRAINER_ENGINE_LONG"
+"""`TRAINER_ENGINE_LONG=1` (or `pytest --long`, which sets it) asks every suite for its long form:
+40 kill trials, 25x the job-loader examples, 10x the record-reader examples."""
+
+
+def long_form() -> bool:
+    """True when the long form is asked for (RELIABILITY_LONG and HYPOTHESIS_LONG are older names)."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes")
+               for name in (LONG_FORM_ENV, "RELIABILITY_LONG", "HYPOTHESIS_LONG"))
+
+
 def chat_records(count: int = 16, start: int = 0) -> list[dict[str, Any]]:
     """`count` small chat records of varied lengths (some with a system prompt, some two-turn).
 
@@ -205,6 +216,14 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
             continue
         found.append((int(step), path))
     return sorted(found)
+
+
+def current_step(output_dir: str | Path) -> int:
+    """The step `status.json` reports (0 while it is absent or being replaced), to wait for a run to get going."""
+    try:
+        return json.loads((Path(output_dir) / "status.json").read_text()).get("current_step") or 0
+    except (OSError, ValueError):
+        return 0
 
 
 def read_json_if_present(path: str | Path) -> dict | None:

@@ -3,10 +3,9 @@ returns a config or raises `ConfigError`, and `python -m launcher validate` answ
 traceback, and never creates the output folder.
 
     .venv/bin/python -m pytest tests/test_config_properties.py -q                  # ~200 examples a test, seconds
-    HYPOTHESIS_LONG=1 .venv/bin/python -m pytest tests/test_config_properties.py -q  # 25 times as many
+    .venv/bin/python -m pytest tests/test_config_properties.py -q --long           # 25 times as many
 
-`--long` (or RELIABILITY_LONG=1) asks for the long form too; the option exists only when pytest is
-pointed at tests/reliability as well, whose conftest registers it. Hypothesis keeps no example
+`--long` is the same as TRAINER_ENGINE_LONG=1. Hypothesis keeps no example
 database and has no deadline here, so a run leaves no `.hypothesis` folder and a slow machine
 cannot fail it; a failure prints the `@reproduce_failure` line that replays it.
 """
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 
 import launcher.config as config_module
 from launcher.config import ConfigError, JobConfig, load_config, parse_override
+from helpers import long_form
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(JobConfig) if f.name != "source"}
 TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
@@ -56,13 +56,10 @@ def no_machine(monkeypatch):
 
 
 @pytest.fixture
-def examples(pytestconfig):
+def examples():
     """`examples(n)`: hypothesis settings for n examples, 25 times as many in the long form."""
-    long_form = bool(pytestconfig.getoption("--long", default=False)) or any(
-        os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HYPOTHESIS_LONG", "RELIABILITY_LONG"))
-
     def make(count: int = 200) -> settings:
-        return settings(max_examples=count * (25 if long_form else 1), deadline=None, database=None,
+        return settings(max_examples=count * (25 if long_form() else 1), deadline=None, database=None,
                         print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     return make
 
@@ -324,16 +321,24 @@ def test_every_valid_job_loads_and_round_trips(tmp_path, examples):
     check()
 
 
+@contextlib.contextmanager
+def job_folder(tmp_path: Path, text: str):
+    """A fresh folder holding `text` as job.toml (any code points, lone surrogates too) and a
+    one-record train.jsonl; yields the folder and the job's path."""
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        folder = Path(folder)
+        (folder / "train.jsonl").write_text('{"text": "hi"}\n')
+        path = folder / "job.toml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        yield folder, path
+
+
 def test_any_job_document_loads_or_is_refused_with_a_config_error(tmp_path, examples):
     @examples()
     @given(hostile_jobs())
     def check(case):
         text, check_environment = case
-        with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
-            folder = Path(folder)
-            (folder / "train.jsonl").write_text('{"text": "hi"}\n')
-            path = folder / "job.toml"
-            path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        with job_folder(tmp_path, text) as (folder, path):
             before = snapshot(folder)
             load_or_refuse(path, check_environment=check_environment)
             # Nothing created: neither the output folder (relative paths land in this folder) nor a cache.
@@ -488,11 +493,7 @@ def test_the_cli_answers_0_or_2_never_a_traceback_and_creates_no_output_folder(t
         # The model must not load (seconds each): pin model_path to a folder that does not exist.
         text = re.sub(r"(?m)^model_path = .*$", 'model_path = "no-such-model"', text)
         text = re.sub(r"(?m)^tokenizer_path = .*$", "", text)
-        with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
-            folder = Path(folder)
-            (folder / "train.jsonl").write_text('{"text": "hi"}\n')
-            path = folder / "job.toml"
-            path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        with job_folder(tmp_path, text) as (folder, path):
             before = snapshot(folder)
             code, output = run_cli(["validate", str(path)])
             assert code in (0, 2), output[-3000:]

@@ -2,7 +2,7 @@
 succeeds (every record kept or counted) or is refused naming `file:line`, never another exception.
 
     pytest tests/test_data_properties.py -q                          # 200 files, and 30 `validate` runs
-    TRAINER_ENGINE_LONG=1 pytest tests/test_data_properties.py -q    # ten times as many
+    pytest tests/test_data_properties.py -q --long                   # ten times as many (TRAINER_ENGINE_LONG=1)
 
 Files mix valid chat, text and ShareGPT records with broken ones: wrong types, missing keys, lone
 surrogates, emoji, control characters and NUL, special-token text, deep nesting, integers of
@@ -28,15 +28,15 @@ from launcher.config import ConfigError
 from loop.data import IGNORE_INDEX
 from loop.data.prepare import Settings, keep_usable, read_records, tokenize_records
 from profiles import get_profile
+from helpers import long_form
 
-LONG = os.environ.get("TRAINER_ENGINE_LONG") == "1"
 MAX_LINE_BYTES = 20_000
 """The reader's line limit during these tests (64 MiB in use), so that lines over it are cheap to make."""
 SETTINGS = Settings(train_on="assistant", max_length=64, too_long="truncate")
 
 
 def examples(default: int) -> int:
-    return default * 10 if LONG else default
+    return default * 10 if long_form() else default
 
 
 # --- what a file may hold ----------------------------------------------------------------------

@@ -411,10 +411,11 @@ def _measure_main(model_dir: str, warmup_dir: str, specs: list[dict]) -> None:
     from transformers import AutoTokenizer  # noqa: F401
 
     import loop.train  # noqa: F401  (the builders every child uses)
+    from helpers import in_fresh_process
 
     torch.set_num_threads(1)
     for spec in specs:
-        print(json.dumps(_in_child(lambda: _measure_one(model_dir, warmup_dir, spec, libc))), flush=True)
+        print(json.dumps(in_fresh_process(lambda: _measure_one(model_dir, warmup_dir, spec, libc))), flush=True)
 
 
 def _measure_one(model_dir: str, warmup_dir: str, spec: dict, libc) -> dict:
@@ -497,31 +498,6 @@ def _page_out_checkpoints(libc) -> None:
     """Drop the resident pages of memory-mapped checkpoints (those training touches fault back in)."""
     for start, size in _mapped(lambda perms, path: path.endswith(".safetensors")):
         libc.madvise(start, size, 21)  # MADV_PAGEOUT, Linux 5.4
-
-
-def _in_child(task) -> dict:
-    """`task()` in a forked child; its JSON-able result, or an error."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            payload = {"ok": task()}
-        except BaseException as error:  # reported to the parent
-            import traceback
-
-            payload = {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
-        with os.fdopen(write_end, "w") as out:
-            out.write(json.dumps(payload))
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        text = pipe.read()
-    os.waitpid(pid, 0)
-    payload = json.loads(text) if text else {"error": "the child died without a report"}
-    if "error" in payload:
-        raise RuntimeError(payload["error"])
-    return payload["ok"]
 
 
 if __name__ == "__main__":

@@ -2,10 +2,9 @@
 
     pytest tests/reliability -q                 # short form (CI): a few kill trials
     pytest tests/reliability -q --long          # long form: 40 kill trials (about 15-20 minutes)
-    RELIABILITY_LONG=1 pytest tests -q          # the same, when this folder is not on the command line
+    TRAINER_ENGINE_LONG=1 pytest tests -q       # the same, with every other suite's long form
 
-`--long` is registered only when pytest starts in (or is pointed at) this folder; from the
-repository root use the environment variable. `--reliability-seed` (or RELIABILITY_SEED) changes
+`--long` is registered in tests/conftest.py. `--reliability-seed` (or RELIABILITY_SEED) changes
 the seed of the kill moments; the statistics record which seed ran.
 """
 
@@ -15,22 +14,21 @@ import os
 
 import pytest
 
+from helpers import long_form as long_form_requested
+
 DEFAULT_SEED = 20250607
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("reliability")
-    group.addoption("--long", action="store_true", default=False,
-                    help="run the long form of the reliability suite (40 kill trials)")
     group.addoption("--reliability-seed", type=int, default=None,
                     help=f"seed of the kill moments (default {DEFAULT_SEED}, or $RELIABILITY_SEED)")
 
 
 @pytest.fixture(scope="session")
-def long_form(pytestconfig) -> bool:
-    """True for the long form: `--long` or RELIABILITY_LONG=1."""
-    return bool(pytestconfig.getoption("--long", default=False)) or \
-        os.environ.get("RELIABILITY_LONG", "").lower() in ("1", "true", "yes")
+def long_form() -> bool:
+    """True for the long form: `--long` or TRAINER_ENGINE_LONG=1."""
+    return long_form_requested()
 
 
 @pytest.fixture(scope="session")
