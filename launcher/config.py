@@ -158,6 +158,10 @@ class DataConfig:
     """Processes used to tokenize the data set."""
     cache_dir: str = ""
     """Where tokenized data is cached; empty uses `~/.cache/trainer-engine/data`."""
+    streaming: bool = False
+    """Read, tokenize and pack the training data while training, in bounded memory and with no cache; needs `hyperparams.max_steps` > 0."""
+    stream_buffer: int = _f(1000, ge=1, le=2**20)
+    """With `streaming`: records read, tokenized, packed and shuffled together; a resume re-reads at most this many."""
 
 
 @dataclass
@@ -906,6 +910,7 @@ def _cross_field_problems(config: JobConfig, where, check_environment: bool, fai
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
         problems.append(f"{where('lora.target_modules')}: expected \"all-linear\" or a list of module names, "
                         f"got {lora.target_modules!r}")
+    problems += _streaming_problems(config, where)
     has_validation = bool(data.validation_path or data.validation_split_name) or config.monitoring.validation_split > 0 \
         or any(s.validation_path or s.validation_split_name for s in data.sources)
     if h.eval_steps > 0 and not has_validation:
@@ -969,6 +974,26 @@ def _source_problems(config: JobConfig, where, check_environment: bool, failed: 
         elif weighted and source.weight == 0 and source.num_samples == 0:
             problems.append(f"{at('weight')}: sources {', '.join(map(str, weighted))} have a weight and this one "
                             "has none, so its share of the mix is undefined; give it a weight (or num_samples)")
+    return problems
+
+
+def _streaming_problems(config: JobConfig, where) -> list[str]:
+    """`data.streaming`: the stream has no length, no fixed set to hold out and no fixed mix size."""
+    data = config.data
+    if not data.streaming:
+        return []
+    problems = []
+    if config.hyperparams.max_steps <= 0:
+        problems.append(f"{where('hyperparams.max_steps')}: data.streaming = true reads data of unknown length, "
+                        "so num_epochs cannot say when to stop; set max_steps > 0")
+    if config.monitoring.validation_split > 0 and not (data.validation_path or data.validation_split_name or any(
+            s.validation_path or s.validation_split_name for s in data.sources)):
+        problems.append(f"{where('monitoring.validation_split')}: a stream has no fixed set of examples to hold out; "
+                        "set data.validation_path (or a source's validation_path) instead")
+    for number, source in enumerate(data.sources, start=1):
+        if source.num_samples > 0:
+            problems.append(f"{where(f'data.sources[{number}].num_samples')}: a stream has no fixed size to take "
+                            "exactly num_samples of; give the sources weights instead")
     return problems
 
 

@@ -22,6 +22,9 @@ def main_prepare(job_path: str, overrides: dict[str, Any]) -> int:
     from loop.data import build_datasets, load_tokenizer
 
     config = load_config(job_path, overrides=overrides)
+    if config.data.streaming:
+        raise ConfigError("data.streaming: this job reads and tokenizes its data while training, so there is "
+                          "nothing to prepare; run it, or set data.streaming = false to prepare a cache")
     tokenizer = load_tokenizer(config)
     data = build_datasets(config, tokenizer)
     print(data.report.format())

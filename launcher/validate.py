@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from launcher.config import JobConfig
 from loop.data import build_datasets, load_tokenizer
+from loop.data.streaming import build_stream
 from loop.model import build_model, count_parameters
 
 
 def validate_job(config: JobConfig, *, num_processes: int | None = None) -> str:
     """Load tokenizer, data and model as a run would; return the human report (raises ConfigError)."""
     tokenizer = load_tokenizer(config)
-    data = build_datasets(config, tokenizer)
+    # A stream is checked by reading the first records of each source, never tokenized whole.
+    data = build_stream(config, tokenizer) if config.data.streaming else build_datasets(config, tokenizer)
     model = build_model(config, tokenizer)
     h = config.hyperparams
     world = num_processes or config.launch.num_processes
-    total_steps = config.num_optimizer_steps(len(data.train), world)
+    total_steps = config.num_optimizer_steps(len(data.train) if data.train is not None else 0, world)
     _, num_params = count_parameters(model)  # 4-bit weights as the values they hold
     lines = [
         f"job: {config.source}",

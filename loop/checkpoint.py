@@ -5,6 +5,7 @@ Layout of `output_dir/checkpoints/step_000050/`:
                                       loaded with `weights_only=True`; nothing here is unpickled)
     progress.json                     the run id, step, epoch, data position, tokens seen, the
                                       scheduler's state, the run's shape, settings and data digest
+                                      (and with `data.streaming`, the stream's place: `stream`)
     COMPLETE                          written last: the size of every file above. A folder without
                                       it is never resumed from; one whose files differ is corrupt
 
@@ -44,7 +45,7 @@ LEGACY_RUN_ID = "legacy"  # checkpoints (and folders) of versions that recorded 
 RESUME_SETTINGS = (
     "model.dtype", "model.attn_implementation", "model.load_in_4bit", "model.gradient_checkpointing",
     "data.max_length", "data.packing", "data.shuffle", "data.on_bad_record", "data.too_long", "data.chat_template",
-    "data.group_by_length", "data.pad_to_multiple_of",
+    "data.group_by_length", "data.pad_to_multiple_of", "data.streaming", "data.stream_buffer",
     "profile.name", "profile.system_prompt", "profile.train_on",
     "hyperparams.batch_size", "hyperparams.gradient_accumulation", "hyperparams.learning_rate",
     "hyperparams.lr_scheduler", "hyperparams.warmup_steps", "hyperparams.num_epochs", "hyperparams.max_steps",
@@ -113,7 +114,7 @@ def resume_settings(config: JobConfig) -> dict:
 
 class Checkpointer:
     def __init__(self, accelerator, output_dir: Path, *, save_steps: int, save_total_limit: int, shape: RunShape,
-                 scheduler, settings: dict, data_digest: str):
+                 scheduler, settings: dict, data_digest: str, stream=None):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
@@ -123,6 +124,8 @@ class Checkpointer:
         self.scheduler = scheduler
         self.settings = settings
         self.data_digest = data_digest
+        self.stream = stream
+        """With `data.streaming`: the `StreamLoader`, whose place is saved and restored with the step."""
         self.run_id: str | None = None  # the run's id: the resumed checkpoint's, or a new run's
         self.resume_changes: dict = {}  # {key: (old, new)} applied on resume
         self.last_path: Path | None = None
@@ -150,6 +153,8 @@ class Checkpointer:
         if accelerator.is_main_process:
             record = {"run_id": self.run_id, "progress": progress.state_dict(), "shape": asdict(self.shape),
                       "scheduler": self.scheduler.state_dict(), "settings": self.settings, "data": self.data_digest}
+            if self.stream is not None:  # the same on every process: each reads the whole stream
+                record["stream"] = self.stream.state_dict(progress.batches_in_epoch)
             write_atomic(tmp / PROGRESS_FILE, json.dumps(record, indent=2) + "\n")
             write_atomic(tmp / COMPLETE_MARKER, json.dumps({"files": _file_sizes(tmp)}, indent=1) + "\n")
             _fsync_dir(tmp)
@@ -273,6 +278,12 @@ class Checkpointer:
         except Exception as error:  # a file that is there, at its size, but does not load
             raise CheckpointError(f"it does not load into this job's model and optimizer "
                                   f"({type(error).__name__}: {_first_line(error)})") from None
+        if self.stream is not None:
+            try:
+                self.stream.load_state_dict(record.get("stream"))
+            except (ValueError, OSError) as error:
+                raise CheckpointError(f"{path / PROGRESS_FILE}: the stream's place cannot be restored: "
+                                      f"{error}") from None
         if changes:
             apply_hyperparams(self.accelerator, self.scheduler, config)
             logger.warning("resuming with changed settings (output.resume_changes = \"allow\"): %s",

@@ -30,6 +30,7 @@ from launcher.result import TrainingResult
 from loop.checkpoint import Checkpointer, Progress, RunShape, resume_settings
 from loop.data import IGNORE_INDEX, build_dataloader, build_datasets, load_tokenizer
 from loop.data.batches import NUM_REAL_TOKENS
+from loop.data.streaming import StreamLoader, build_stream, build_stream_loader
 from loop.identity import check_identity
 from loop.loss import choose_loss_head, router_aux_coef, summed_token_loss
 from loop.manifest import build_manifest
@@ -77,8 +78,10 @@ def build_accelerator(config: JobConfig):
             f"distributed type {accelerator.distributed_type.value}: every rank would train alone on all the data. Launch with `python -m launcher run` or `accelerate launch "
             "--multi_gpu` (on CPU machines set ACCELERATE_USE_CPU=1).")
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = h.max_grad_norm  # the job decides, not a default
+    if plugin is not None:  # the job decides, not a default (and a stream has no prepared loader to read it from)
+        for key, value in (("gradient_clipping", h.max_grad_norm), ("train_micro_batch_size_per_gpu", h.batch_size)):
+            if plugin.deepspeed_config.get(key, "auto") == "auto":
+                plugin.deepspeed_config[key] = value
     return accelerator
 
 
@@ -148,8 +151,12 @@ def windows(loader, accelerator, accumulation: int, start_epoch: int, start_batc
     """Yield (epoch, up to `accumulation` micro-batches) forever; a window never spans two epochs.
 
     Starts at `start_batch` of `start_epoch` without replaying the batches before it: the sampler's
-    order depends only on (seed, epoch), and Accelerate skips batch indices, not data.
+    order depends only on (seed, epoch), and Accelerate skips batch indices, not data. A stream
+    (`data.streaming`) has no epochs; the checkpointer restored its place.
     """
+    if isinstance(loader, StreamLoader):
+        yield from ((0, window) for window in loader.windows(accumulation))
+        return
     for epoch in itertools.count(start_epoch):
         epoch_loader = loader
         if epoch == start_epoch and start_batch:
@@ -278,7 +285,9 @@ def train(config: JobConfig, *, status_writer=None, on_step=None) -> TrainingRes
             run.summary.update(final_model=str(final_dir), eval_loss=run.eval_loss)
             result = TrainingResult(success=True, final_loss=run.final_loss)
             run_dir.status.update(status="completed", current_step=run.progress.step, eta_sec=0.0)
-        except ConfigError:
+        except ConfigError as error:  # exit 2; after setup only a streamed record can raise it
+            if run is not None:
+                run_dir.status.update(status="failed", error_message=str(error))
             run_dir.close()
             raise
         except Preempted as stopped:
@@ -309,19 +318,29 @@ def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, starte
     h = config.hyperparams
     set_seed(h.seed)  # before the model and the data loader are built, so every rank agrees
     tokenizer = load_tokenizer(config)
-    data = build_datasets(config, tokenizer, main_process_first=accelerator.main_process_first)
+    streaming = config.data.streaming  # read and tokenized while training: loop/data/streaming.py
+    data = build_stream(config, tokenizer) if streaming else \
+        build_datasets(config, tokenizer, main_process_first=accelerator.main_process_first)
     model = build_model(config, tokenizer)
     identity = check_identity(config, model, tokenizer, recorded=run_dir.recorded_identity)  # the [locked] guard
     register_checkpoint_hooks(accelerator)  # 4-bit bases are rebuilt on load, not saved
-    train_loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
-                                    batch_size=h.batch_size)
+    if streaming:  # every process reads the whole stream and keeps its share of the batches
+        train_loader = build_stream_loader(data, config, tokenizer, rank=accelerator.process_index,
+                                           world_size=accelerator.num_processes, device=accelerator.device)
+    else:
+        train_loader = build_dataloader(data.train, config, tokenizer, shuffle=config.data.shuffle,
+                                        batch_size=h.batch_size)
     eval_loader = None
     if data.validation is not None:
         eval_loader = build_dataloader(data.validation, config, tokenizer, shuffle=False, batch_size=h.batch_size)
     optimizer = build_optimizer(model, config)
     num_trainable, num_parameters = count_parameters(model)  # 4-bit weights as values, before ZeRO-3 shards
-    total_steps = config.num_optimizer_steps(len(data.train), accelerator.num_processes)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    num_train_rows = 0 if streaming else len(data.train)  # a stream's length is unknown: max_steps decides
+    total_steps = config.num_optimizer_steps(num_train_rows, accelerator.num_processes)
+    if streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # Built on the prepared optimizer (ZeRO-3 regroups the parameters it was given) and stepped by
     # us once per optimizer step; its state is saved as JSON in every checkpoint's progress.json.
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -330,10 +349,11 @@ def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, starte
     loss_head, loss_reason = choose_loss_head(model, config, accelerator)
 
     shape = RunShape(batch_size=h.batch_size, gradient_accumulation=h.gradient_accumulation,
-                     world_size=accelerator.num_processes, num_train_examples=len(data.train), seed=h.seed)
+                     world_size=accelerator.num_processes, num_train_examples=num_train_rows, seed=h.seed)
     checkpointer = Checkpointer(accelerator, config.output_path, save_steps=h.save_steps,
                                 save_total_limit=h.save_total_limit, shape=shape, scheduler=scheduler,
-                                settings=resume_settings(config), data_digest=data.digest)
+                                settings=resume_settings(config), data_digest=data.digest,
+                                stream=train_loader if streaming else None)
     resume_from, progress = checkpointer.restore(config, run_dir.recorded_run_id, total_steps)
     prompt_ids = preview_prompts(config, data.validation, tokenizer) if config.monitoring.preview_steps else []
 
@@ -355,7 +375,7 @@ def setup(config: JobConfig, accelerator, run_dir: RunDir, status_writer, starte
         scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, checkpointer=checkpointer,
         progress=progress, total_steps=total_steps, run_dir=run_dir, preview_prompt_ids=prompt_ids,
         num_parameters=num_parameters, peak_flops=device_peak_flops(), started=started, loss_head=loss_head,
-        summary={"world_size": accelerator.num_processes, "num_train_examples": len(data.train),
+        summary={"world_size": accelerator.num_processes, "num_train_examples": None if streaming else num_train_rows,
                  "num_parameters": num_parameters, "num_trainable_parameters": num_trainable,
                  "data": data.report.to_dict(), "resumed_from": str(resume_from) if resume_from else None,
                  "loss": "fused" if loss_head is not None else "logits"},
@@ -564,7 +584,8 @@ def _train_record(run: Run, logged: LogWindow, grad_norm: float) -> dict:
     seconds = max(now - logged.started, 1e-9)
     record = {
         "step": progress.step,
-        "epoch": progress.epoch + progress.batches_in_epoch / max(len(run.train_loader), 1),
+        "epoch": None if isinstance(run.train_loader, StreamLoader)  # a stream has no epochs
+        else progress.epoch + progress.batches_in_epoch / max(len(run.train_loader), 1),
         "loss": logged.loss(), "learning_rate": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
         "num_tokens": progress.num_tokens, "tokens_per_sec": logged.num_tokens / seconds,
         "input_tokens_per_sec": logged.num_input_tokens / seconds, "elapsed_sec": now - run.started,

@@ -11,7 +11,8 @@ Each dataset row holds `input_ids` and `labels` (`IGNORE_INDEX` where no loss is
 labels), `prepare` (reading, tokenizing, splitting, packing), `sources` (the job's sources, their
 formats, the mix and its report), `stream` (preparation a chunk at a time, in bounded memory),
 `cache` (fingerprint, save, load), `batches` (collator and sampler), `report` (what was kept and
-dropped), `templates` (built-in chat templates).
+dropped), `templates` (built-in chat templates), `streaming` (`data.streaming`: no cache; records read,
+tokenized and packed while training, resumable from any step).
 """
 
 from __future__ import annotations

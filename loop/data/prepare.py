@@ -411,9 +411,9 @@ def _fit(result, settings: Settings) -> tuple[list[int], list[int], str, bool]:
     return ids, labels, "", truncated
 
 
-def keep_usable(tokenized, records: Records, on_bad_record: str):
-    """The kept rows of `tokenized` (input_ids, labels only); drops and special-token text are counted
-    into `records`."""
+def keep_usable(tokenized, records: Records, on_bad_record: str, columns: tuple[str, ...] = ("input_ids", "labels")):
+    """The kept rows of `tokenized` (`columns` only: input_ids and labels); drops and special-token text
+    are counted into `records`."""
     if tokenized is None:
         return None, 0
     # Whole columns through Arrow: `dataset[column]` would convert row by row.
@@ -443,7 +443,7 @@ def keep_usable(tokenized, records: Records, on_bad_record: str):
     _count_template_effects(tokenized, kept, first_kept, lines, records)
     truncated = table.column("truncated").to_pylist()
     num_truncated = sum(truncated[row] for row in kept)
-    return tokenized.select(kept).select_columns(["input_ids", "labels"]), num_truncated
+    return tokenized.select(kept).select_columns(list(columns)), num_truncated
 
 
 def _count_template_effects(tokenized, kept: list[int], first_kept: list[int], lines: list[int],
@@ -493,7 +493,11 @@ def pack(dataset, max_length: int):
     import datasets
     from datasets.table import InMemoryTable
 
-    table = dataset.with_format("arrow")[:]
+    return datasets.Dataset(InMemoryTable(pack_table(dataset.with_format("arrow")[:], max_length)))
+
+
+def pack_table(table: pa.Table, max_length: int) -> pa.Table:
+    """`pack` of an Arrow table of `input_ids` and `labels`: the packed table."""
     ids_column = table.column("input_ids").combine_chunks()
     labels_column = table.column("labels").combine_chunks()
     offsets = ids_column.offsets.to_numpy().astype(np.int64)
@@ -511,12 +515,11 @@ def pack(dataset, max_length: int):
     def column(values):
         return pa.ListArray.from_arrays(pa.array(bin_offsets), pa.array(values, type=pa.int32()))
 
-    packed = pa.table({
+    return pa.table({
         "input_ids": column(ids_column.values.to_numpy()[gather]),
         "labels": column(labels_column.values.to_numpy()[gather]),
         "position_ids": column(within),
     })
-    return datasets.Dataset(InMemoryTable(packed))
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -92,21 +92,31 @@ class DataFiles:
     def records(self, shard: int) -> Iterator[tuple[int, bytes | dict | None]]:
         """`(position, item)` per record of one shard: a JSONL line as bytes (None: a line too long to
         read) or a row as a dict (its values as `pyarrow` gives them), columns mapped."""
-        if self.kind == "jsonl":
-            yield from _jsonl_lines(self.shards[shard])
-        elif self.kind == "json":
-            for row, record in enumerate(_json_records(self.shards[shard], self.key)):
-                yield row, self.map_columns(record)
-        elif self.kind == "parquet":
-            yield from self._rows(_parquet_batches(self.shards[shard], self.key))
-        else:
-            yield from self._rows(self._arrow_batches(shard))
+        for position, item, _ in self.records_from(shard):
+            yield position, item
 
-    def _rows(self, batches) -> Iterator[tuple[int, dict]]:
-        row = 0
+    def records_from(self, shard: int, start: int = 0, offset: int = 0
+                     ) -> Iterator[tuple[int, bytes | dict | None, tuple[int, int]]]:
+        """`records(shard)` from a place, each with the place just after it: `(position, item, (start,
+        offset))`. For JSON Lines `start` is the number of the last line read and `offset` the byte
+        after it (the file is read on from there); for rows `start` is the first row (whole row groups
+        and batches before it are skipped without being converted) and `offset` is 0."""
+        if self.kind == "jsonl":
+            yield from _jsonl_lines(self.shards[shard], start, offset)
+        elif self.kind == "json":
+            records = _json_records(self.shards[shard], self.key)
+            for row in range(start, len(records)):
+                yield row, self.map_columns(records[row]), (row + 1, 0)
+        elif self.kind == "parquet":
+            yield from self._rows(_parquet_batches(self.shards[shard], self.key, start), start)
+        else:
+            yield from self._rows(self._arrow_batches(shard, start), start)
+
+    def _rows(self, batches, start: int = 0) -> Iterator[tuple[int, dict, tuple[int, int]]]:
+        row = start
         for batch in batches:
             for record in batch.to_pylist():
-                yield row, self.map_columns(record)
+                yield row, self.map_columns(record), (row + 1, 0)
                 row += 1
 
     def map_columns(self, record):
@@ -120,11 +130,15 @@ class DataFiles:
                 mapped[name] = record[column]
         return mapped
 
-    def _arrow_batches(self, shard: int):
+    def _arrow_batches(self, shard: int, start: int = 0):
         if self.shards:  # a bare Arrow file
-            yield from _arrow_file_batches(self.shards[shard], self.key)
+            yield from _skip_rows(_arrow_file_batches(self.shards[shard], self.key), start)
             return
         dataset = self.dataset()
+        if start >= len(dataset) > 0:
+            return
+        if start:
+            dataset = dataset.select(range(start, len(dataset)))  # contiguous: a slice, nothing copied
         try:
             yield from dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)
         except Exception as error:  # a damaged Arrow file in the folder or the hub cache
@@ -283,13 +297,15 @@ def _size(path: str) -> int:
 
 # --- readers -----------------------------------------------------------------------------------
 
-def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes | None]]:
+def _jsonl_lines(path: str, start: int = 0, offset: int = 0) -> Iterator[tuple[int, bytes | None, tuple[int, int]]]:
+    """Non-blank lines after line `start`, which ends at byte `offset`: (number, bytes, (number, end byte))."""
     from loop.data.prepare import _lines, open_data_file
 
     with open_data_file(path) as handle:
+        handle.seek(offset)
         for line_number, raw in _lines(handle):
             if raw is None or raw.strip():
-                yield line_number, raw
+                yield start + line_number, raw, (start + line_number, handle.tell())
 
 
 def _json_records(path: str, key: str) -> list:
@@ -326,14 +342,29 @@ def _parquet_schema(shard: str, key: str):
         raise DataError(f"{key}: cannot read the Parquet shard {shard}: {type(error).__name__}: {error}") from None
 
 
-def _parquet_batches(shard: str, key: str):
+def _parquet_batches(shard: str, key: str, start: int = 0):
+    """Batches of rows from row `start` on; the row groups before it are not read."""
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(shard)
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS)
+        groups, skipped = list(range(parquet.num_row_groups)), 0
+        while groups and skipped + parquet.metadata.row_group(groups[0]).num_rows <= start:
+            skipped += parquet.metadata.row_group(groups.pop(0)).num_rows
+        if groups:
+            yield from _skip_rows(parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups), start - skipped)
     except (OSError, ValueError, ArithmeticError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"{key}: cannot read the Parquet shard {shard}: {type(error).__name__}: {error}") from None
+
+
+def _skip_rows(batches, num_rows: int):
+    """`batches` without their first `num_rows` rows (whole batches skipped unread, the next one sliced)."""
+    for batch in batches:
+        if num_rows >= batch.num_rows:
+            num_rows -= batch.num_rows
+            continue
+        yield batch.slice(num_rows) if num_rows else batch
+        num_rows = 0
 
 
 def _open_arrow(shard: str):

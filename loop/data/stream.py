@@ -151,18 +151,8 @@ def tokenize_files(source: Source, files: DataFiles, tokenizer, settings, *, num
                 index = total.num_read + chunk.num_read
                 chunk.num_read += 1
                 bar.update(len(item) if isinstance(item, bytes) else 1)
-                try:
-                    if item is None:
-                        raise prepare._BadRecord("too_large", f"the line is longer than "
-                                                              f"{prepare._size(prepare.MAX_LINE_BYTES)}")
-                    record = prepare.parse_line(item, position) if isinstance(item, bytes) else item
-                    payload = prepare.record_payload(files.map_columns(record), index, source.profile,
-                                                     source.system_prompt)
-                except prepare._BadRecord as bad:
-                    message = prepare.printable(bad.message)
-                    if on_bad_record == "error":
-                        raise DataError(f"{chunk.where(position)}: {message}. {prepare._SKIP_HINT}") from None
-                    chunk.drop(position, bad.reason, message)
+                payload = read_payload(item, position, position, index, source, files, chunk, on_bad_record)
+                if payload is None:
                     continue
                 chunk.lines.append(position)
                 chunk.payloads.append(payload)
@@ -175,6 +165,25 @@ def tokenize_files(source: Source, files: DataFiles, tokenizer, settings, *, num
     return Examples(path=out, records=total, num_truncated=num_truncated,
                     lengths=np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
                     trained=np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64))
+
+
+def read_payload(item: bytes | dict | None, position: int, line: int, index: int, source: Source, files: DataFiles,
+                 records: Records, on_bad_record: str) -> str | None:
+    """The payload of one record as read from `files` (a JSONL line, or a row), or None when it is bad and
+    `on_bad_record = "skip"` (counted into `records` under `line`, its key there); else `DataError` naming
+    `records.where(line)`. `position`: its line number (a byte-order mark is read only on line 1);
+    `index`: its number in the source, which the profile is given."""
+    try:
+        if item is None:
+            raise prepare._BadRecord("too_large", f"the line is longer than {prepare._size(prepare.MAX_LINE_BYTES)}")
+        record = prepare.parse_line(item, position) if isinstance(item, bytes) else item
+        return prepare.record_payload(files.map_columns(record), index, source.profile, source.system_prompt)
+    except prepare._BadRecord as bad:
+        message = prepare.printable(bad.message)
+        if on_bad_record == "error":
+            raise DataError(f"{records.where(line)}: {message}. {prepare._SKIP_HINT}") from None
+        records.drop(line, bad.reason, message)
+        return None
 
 
 def text_limit(tokenizer, max_length: int) -> int:
