@@ -384,6 +384,24 @@ def test_qwen3_multi_turn_data_trains_under_the_default_settings_packed(make_job
     assert sum(len(row) for row in packed["input_ids"]) == report.num_tokens
 
 
+def test_a_split_conversation_is_held_out_whole_or_not_at_all(make_job, tmp_path):
+    # Each reasoning record becomes 2 examples; a validation split chosen by example alone would train
+    # on one half of some conversations and evaluate on the other.
+    records = [{"messages": [Q1, {**R1, "content": R1["content"] + f" ({i})"}, Q2, R2]} for i in range(20)]
+    config = make_job(tmp_path, records=records, **{"data.chat_template": str(TEMPLATES / "qwen3.jinja"),
+                                                    "monitoring.validation_split": 0.3, "data.shuffle": False})
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(config, tokenizer)
+
+    def conversations(rows) -> list[str]:  # which record a row is from: its first reply's number
+        return [tokenizer.decode(row["input_ids"]).split("Paris. (")[1].split(")")[0] for row in rows]
+
+    trained, held_out = conversations(data.train), conversations(data.validation)
+    assert len(trained) + len(held_out) == 40 and len(held_out) >= 12
+    assert not set(trained) & set(held_out)
+    assert all(held_out.count(i) == 2 for i in held_out)
+
+
 def test_refuse_is_the_setting_s_clear_error(make_job, tmp_path):
     config = make_job(tmp_path, records=QWEN3_RECORDS, **{"data.chat_template": str(TEMPLATES / "qwen3.jinja"),
                                                           "profile.unstable_turns": "refuse"})

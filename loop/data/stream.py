@@ -105,6 +105,8 @@ class Examples:
     """Tokens per example."""
     trained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Tokens that carry loss, per example."""
+    record_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """The record each example comes from (shard and line): a record may give several examples."""
 
     @property
     def num_rows(self) -> int:
@@ -126,22 +128,26 @@ def tokenize_files(source: Source, files: DataFiles, tokenizer, settings, *, num
     writer = ArrowFile(out)
     lengths: list[np.ndarray] = []
     trained: list[np.ndarray] = []
+    record_ids: list[np.ndarray] = []
     num_truncated = 0
     num_chunks = 0
 
-    def flush(chunk) -> None:
+    def flush(chunk, shard: int) -> None:
         nonlocal num_truncated, num_chunks
         if chunk.lines:
             tokenized = prepare.tokenize_records(chunk, tokenizer, settings, num_proc,
                                                  f"{fingerprint}-{num_chunks}")
-            kept, truncated = prepare.keep_usable(tokenized, chunk, on_bad_record)
+            kept, truncated = prepare.keep_usable(tokenized, chunk, on_bad_record, columns=("input_ids", "labels", "line"))
             num_truncated += truncated
             num_chunks += 1
             for table in kept.with_format("arrow").iter(batch_size=WRITE_ROWS):
+                line = table.column("line").to_numpy().astype(np.int64)
+                table = table.drop_columns(["line"])
                 writer.write(table)
                 row_lengths, row_trained = _counts(table)
                 lengths.append(row_lengths)
                 trained.append(row_trained)
+                record_ids.append((np.int64(shard) << 40) | line)
         _merge(total, chunk)
 
     with _progress_bar(files, progress and not are_progress_bars_disabled()) as bar, _quiet_datasets():
@@ -158,13 +164,14 @@ def tokenize_files(source: Source, files: DataFiles, tokenizer, settings, *, num
                 chunk.payloads.append(payload)
                 chunk_bytes += len(payload)
                 if chunk_bytes >= CHUNK_BYTES:
-                    flush(chunk)
+                    flush(chunk, shard)
                     chunk, chunk_bytes = _records(files, shard), 0
-            flush(chunk)
+            flush(chunk, shard)
     writer.close()
     return Examples(path=out, records=total, num_truncated=num_truncated,
                     lengths=np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
-                    trained=np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64))
+                    trained=np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64),
+                    record_ids=np.concatenate(record_ids) if record_ids else np.zeros(0, dtype=np.int64))
 
 
 def read_payload(item: bytes | dict | None, position: int, line: int, index: int, source: Source, files: DataFiles,
@@ -294,13 +301,14 @@ def mix_and_split(sources: list[Source], train: list[Examples], own_validation: 
 
     Validation: each source's own validation data and the overall one (`Source.is_validation`); with
     none of them anywhere, `split` of the training examples of all sources (min(max_samples, int(n *
-    split)), chosen by seed, as `prepare.split_validation` chooses). Training: what is left of each
+    split)), chosen by seed, as `prepare.split_validation` chooses), each with the other examples of
+    its record, so that no conversation is partly trained on and partly held out. Training: what is left of each
     source, taken `mix_counts` times in all (`repeats` says which examples, by seed), sources in order
     and each example's copies together (the sampler shuffles).
     """
     training = [i for i, s in enumerate(sources) if not s.is_validation]
     has_validation_data = any(v is not None for v in own_validation)
-    held_out = _held_out([train[i].num_rows for i in training], 0.0 if has_validation_data else split,
+    held_out = _held_out([train[i].record_ids for i in training], 0.0 if has_validation_data else split,
                          max_samples, seed)
     remaining = [train[i].num_rows - int(mask.sum()) for i, mask in zip(training, held_out)]
     counts = mix_counts([sources[i] for i in training], remaining)
@@ -336,8 +344,11 @@ def mix_and_split(sources: list[Source], train: list[Examples], own_validation: 
                  entries=entries)
 
 
-def _held_out(sizes: list[int], fraction: float, max_samples: int, seed: int) -> list[np.ndarray]:
-    """Per source, which examples are held out for validation (see `prepare.split_validation`)."""
+def _held_out(record_ids: list[np.ndarray], fraction: float, max_samples: int, seed: int) -> list[np.ndarray]:
+    """Per source, which examples are held out for validation: those `prepare.split_validation` would
+    choose, and the other examples of their records (a reply trained in an example of its own,
+    `profile.unstable_turns = "split"`, stays with its conversation)."""
+    sizes = [len(ids) for ids in record_ids]
     total = sum(sizes)
     num_validation = min(max_samples, int(total * fraction))
     if num_validation == 0 and fraction > 0:
@@ -346,7 +357,8 @@ def _held_out(sizes: list[int], fraction: float, max_samples: int, seed: int) ->
     chosen = np.zeros(total, dtype=bool)
     if num_validation:
         chosen[random.Random(seed).sample(range(total), num_validation)] = True
-    return np.split(chosen, np.cumsum(sizes)[:-1]) if sizes else []
+    masks = np.split(chosen, np.cumsum(sizes)[:-1]) if sizes else []
+    return [np.isin(ids, ids[mask]) for ids, mask in zip(record_ids, masks)]
 
 
 def _write_selected(path: Path, times: np.ndarray, out: ArrowFile) -> None:
