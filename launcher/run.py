@@ -209,9 +209,11 @@ def launch_ray(config: JobConfig) -> TrainingResult:
     and checkpoints as under `accelerate launch`. Uses the cluster in RAY_ADDRESS (or one this
     process already joined), else starts a local one for this job and stops it afterwards.
 
-    A SIGTERM here ends the run through Ray's own handler, without a last checkpoint: Ray calls the
-    workers' function in a thread, where the loop cannot install its signal handlers. The rerun
-    resumes from the newest step checkpoint.
+    SIGTERM and SIGUSR1 here stop the run as under `accelerate launch`: every worker saves a
+    checkpoint at its next step boundary and the result says "preempted" (exit code 3). Ray calls
+    the workers' function in a thread, where the loop cannot install signal handlers, so this
+    process takes the signal and leaves it in a small Ray actor that rank 0 polls
+    (`loop.preemption.relaying_stop_requests`); the step's all-reduce makes all ranks stop at the same step.
     """
     try:
         import ray
@@ -227,9 +229,11 @@ def launch_ray(config: JobConfig) -> TrainingResult:
     if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     use_gpu = cuda_available()
-    payload = {"job": config.to_toml(),
-               "job_folder": str(Path(config.source).resolve().parent) if config.source else ""}
     try:
+        # Ends with its last handle (the payload's), or with the local cluster.
+        stop_request = ray.remote(num_cpus=0)(_StopRequest).remote()
+        payload = {"job": config.to_toml(), "stop_request": stop_request,
+                   "job_folder": str(Path(config.source).resolve().parent) if config.source else ""}
         with tempfile.TemporaryDirectory(prefix="trainer-engine-ray-") as storage:
             trainer = TorchTrainer(
                 _ray_worker, train_loop_config=payload,
@@ -238,7 +242,8 @@ def launch_ray(config: JobConfig) -> TrainingResult:
                                          timeout_s=config.launch.timeout_minutes * 60),
                 run_config=RunConfig(name="trainer-engine", storage_path=storage))
             try:
-                value = trainer.fit().return_value
+                with _relaying_signals_to(stop_request):
+                    value = trainer.fit().return_value
             except TrainingFailedError as error:
                 return TrainingResult(success=False, error=f"a Ray Train worker failed: {error}")
     finally:
@@ -250,11 +255,51 @@ def launch_ray(config: JobConfig) -> TrainingResult:
     return TrainingResult.from_json(value)
 
 
+class _StopRequest:
+    """The stop signal the Ray driver received, kept in a Ray actor for the workers to poll."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def set(self, signal_name: str) -> None:
+        self.signal_name = self.signal_name or signal_name
+
+    def get(self) -> str | None:
+        return self.signal_name
+
+
+@contextlib.contextmanager
+def _relaying_signals_to(stop_request):
+    """While open, SIGTERM and SIGUSR1 to this process (the Ray driver) are left in `stop_request`."""
+    import logging
+
+    def relay(signum, frame):
+        name = signal.Signals(signum).name
+        logging.getLogger(__name__).warning("received %s: the Ray workers stop after a checkpoint at their "
+                                            "next step boundary", name)
+        # Ray's own SIGINT handler calls its actors from the handler the same way.
+        stop_request.set.remote(name)
+
+    previous = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _ray_worker(payload: dict) -> str:
     """One Ray Train worker: the job on the process group Ray set up. Rank 0's return value becomes
     the driver's result; a refused job comes back as {"refused": message}."""
+    import ray
+
     from launcher.cli import _setup_logging  # the same log format and levels as `python -m launcher run`
     from launcher.config import load_config
+    from loop.preemption import relaying_stop_requests
+
+    def stop_requested() -> str | None:
+        name = ray.get(payload["stop_request"].get.remote(), timeout=60)
+        return f"{name} to the Ray driver" if name else None
 
     _setup_logging()
     if payload["job_folder"] and payload["job_folder"] not in sys.path:
@@ -262,8 +307,13 @@ def _ray_worker(payload: dict) -> str:
     with tempfile.TemporaryDirectory(prefix="trainer-engine-") as folder:
         job_file = Path(folder) / "job.toml"
         job_file.write_text(payload["job"], encoding="utf-8")
+        # This thread cannot take signals. Rank 0 alone asks the driver (the step's all-reduce tells the
+        # others), so that its result names what stopped the run.
+        is_rank0 = int(os.environ.get("RANK", "0")) == 0
+        relay = relaying_stop_requests(stop_requested) if is_rank0 else contextlib.nullcontext()
         try:
-            result = run_here(load_config(job_file))  # Ray tears down the process group it set up
+            with relay:
+                result = run_here(load_config(job_file))  # Ray tears down the process group it set up
         except ConfigError as error:
             return json.dumps({"refused": str(error)})
     return result.to_json()

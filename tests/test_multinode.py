@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,24 +22,25 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, assert_same_weights, chat_records, complete_checkpoints, final_weights, read_metrics,
-                     small_job, subprocess_env, wait_for)
+from helpers import (REPO, assert_same_weights, chat_records, complete_checkpoints, current_step, final_weights,
+                     read_metrics, small_job, subprocess_env, wait_for)
 from launcher import load_config, run_job
 
 pytestmark = pytest.mark.slow
 
-# 16 examples, 8 per rank per step, 2 ranks: one step an epoch, so that a stop at any step is at an
-# epoch boundary. (Resuming several processes from the middle of an epoch is not exact yet: the loop's
-# `windows` sets the epoch on the loader after `skip_first_batches` wrapped it, and Accelerate's
-# wrapper does not pass `set_epoch` on to the sampler.) 40 steps, a checkpoint every 10.
-JOB = {"hyperparams.batch_size": 8, "hyperparams.max_steps": 40, "hyperparams.save_steps": 10,
+# 48 examples, 2 per rank per step, 2 ranks: 12 steps an epoch, 40 steps, a checkpoint every 10. The
+# stops and checkpoints the tests resume from (20, 30, a SIGTERM after step 13) lie inside an epoch after
+# the first, where the sampler's order depends on the epoch: resuming there with several processes is
+# exact only if the loop sets the epoch before skipping the batches already seen.
+NUM_EXAMPLES, STEPS_PER_EPOCH = 48, 12
+JOB = {"hyperparams.batch_size": 2, "hyperparams.max_steps": 40, "hyperparams.save_steps": 10,
        "hyperparams.save_total_limit": 2, "launch.timeout_minutes": 1, "launch.preflight_seconds": 10}
 NODE_TIMEOUT = 300  # seconds a node may take on a busy 2-core machine; a hang fails the test, not the suite
 EXIT_REPORTED = re.compile(r"exitcode\s*:\s*(\d+)")  # torchrun's report of each failed rank
 
 
 def write_two_node_job(folder: Path, model_dir: Path, **overrides) -> Path:
-    return small_job(folder, model_dir, chat_records(16), **{**JOB, **overrides})
+    return small_job(folder, model_dir, chat_records(NUM_EXAMPLES), **{**JOB, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +125,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def current_step(output: Path) -> int:
-    try:
-        return json.loads((output / "status.json").read_text()).get("current_step") or 0
-    except (OSError, ValueError):
-        return 0
-
-
 def losses(output: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(output)]
 
@@ -161,12 +156,31 @@ def test_two_nodes_train_like_one_machine_with_as_many_processes(tmp_path, tiny_
     assert not list(tmp_path.rglob(".trainer-engine-shared-*"))
 
 
+def test_two_processes_resume_mid_epoch_like_the_uninterrupted_run(tmp_path, one_machine):
+    """A copy of the one-machine run, taken back to its checkpoint at step 30 (step 6 of the third
+    epoch), resumes there with its 2 processes: each later step's loss and the final weights are
+    those of the run that never stopped."""
+    shutil.copytree(one_machine.parent, tmp_path / "run")  # job.toml, data and out/, with relative paths
+    output = tmp_path / "run" / "out"
+    assert [step for step, _ in complete_checkpoints(output)] == [30, 40]
+    assert 30 % STEPS_PER_EPOCH and 30 > STEPS_PER_EPOCH
+    for later in ("checkpoints/step_000040", "final"):
+        shutil.rmtree(output / later)
+    (output / "result.json").unlink()
+
+    result = run_job(load_config(tmp_path / "run" / "job.toml"))
+    assert result.success, result.error
+    assert result.summary["resumed_from"] == str(output / "checkpoints" / "step_000030")
+    assert_same_losses(losses(output), losses(one_machine))
+    assert_same_weights(final_weights(one_machine), final_weights(output))
+
+
 def test_sigterm_to_one_node_saves_on_every_rank_and_the_rerun_resumes_exactly(tmp_path, tiny_model_dir, nodes,
                                                                                  one_machine):
     job = write_two_node_job(tmp_path, tiny_model_dir)
     output = tmp_path / "out"
     first, second = nodes.start_both(job)
-    assert wait_for(lambda: current_step(output) >= 3 or first.poll() is not None, timeout=NODE_TIMEOUT)
+    assert wait_for(lambda: current_step(output) > STEPS_PER_EPOCH or first.poll() is not None, timeout=NODE_TIMEOUT)
     second.send_signal(signal.SIGTERM)  # to node 1's launcher only, as a scheduler stopping one machine would
     codes = [first.wait(timeout=NODE_TIMEOUT), second.wait(timeout=NODE_TIMEOUT)]
 
@@ -180,7 +194,8 @@ def test_sigterm_to_one_node_saves_on_every_rank_and_the_rerun_resumes_exactly(t
     checkpoint = Path(result["last_checkpoint_path"])
     assert checkpoint in [path for _, path in complete_checkpoints(output)]
     stopped_at = json.loads((checkpoint / "progress.json").read_text())["progress"]["step"]
-    assert 3 <= stopped_at < 40
+    assert STEPS_PER_EPOCH < stopped_at < 40
+    assert stopped_at % STEPS_PER_EPOCH, f"stopped at the epoch boundary {stopped_at}; the test needs a mid-epoch stop"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
 
     assert nodes.run_both(job) == [0, 0]
@@ -195,7 +210,7 @@ def test_a_killed_node_fails_the_other_within_the_timeout_naming_it_and_the_reru
     job = write_two_node_job(tmp_path, tiny_model_dir)  # launch.timeout_minutes = 1
     output = tmp_path / "out"
     first, second = nodes.start_both(job)
-    assert wait_for(lambda: current_step(output) >= 12 or first.poll() is not None, timeout=NODE_TIMEOUT)
+    assert wait_for(lambda: current_step(output) >= 22 or first.poll() is not None, timeout=NODE_TIMEOUT)
     kill_tree(second.pid)  # node 1's launcher and its rank vanish at once
     killed = time.monotonic()
     first.wait(timeout=NODE_TIMEOUT)
@@ -207,7 +222,8 @@ def test_a_killed_node_fails_the_other_within_the_timeout_naming_it_and_the_reru
     assert not result["success"]
     assert result["error"].startswith("lost rank 1 (node 1"), result["error"]
     # The rerun resumes from the newest complete checkpoint and ends where an uninterrupted run ends.
-    newest = complete_checkpoints(output)[-1][1]
+    newest_step, newest = complete_checkpoints(output)[-1]
+    assert newest_step in (20, 30)  # inside an epoch after the first
     assert nodes.run_both(job) == [0, 0]
     resumed = json.loads((output / "result.json").read_text())
     assert resumed["success"] and resumed["summary"]["resumed_from"] == str(newest)

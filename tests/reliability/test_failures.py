@@ -7,7 +7,8 @@
 - a full disk (`OSError(28)`) during the 2nd checkpoint (or the final save): the run fails with an error
   naming the disk, the 1st checkpoint stays complete, the half-written one never counts as complete,
   and a rerun without the fault resumes from the 1st and ends with the uninterrupted weights;
-- SIGUSR1, and SIGTERM arriving in the middle of a checkpoint save: a resumable stop, then an exact rerun;
+- SIGUSR1, a stop relayed to a loop running in a thread (as in Ray's workers), and SIGTERM arriving in
+  the middle of a checkpoint save: a resumable stop, then an exact rerun;
 - Ctrl-C (KeyboardInterrupt): the rerun continues from the newest complete checkpoint, and the output
   folder is not left locked to the interrupted (still living) process.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 
 from helpers import EXPLODING, complete_checkpoints, read_json_if_present, run_cli, small_job
 from launcher.config import load_config
+from loop.preemption import relaying_stop_requests
 from loop.train import train
 
 DISK_FULL = OSError(28, "No space left on device")
@@ -234,6 +237,40 @@ def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_the_rerun_is_exa
     assert read_json_if_present(output / "status.json")["status"] == "preempted"
     assert not (output / ".lock").exists()
     assert_resumes_exactly(job, output, stopped, uninterrupted)
+
+
+def test_a_relayed_stop_stops_a_loop_in_a_thread_like_a_signal_and_the_rerun_is_exact(tmp_path, tiny_model_dir,
+                                                                                    uninterrupted):
+    """Ray Train runs the loop in a thread, where no signal handler can be installed; its driver takes
+    the signal and the workers relay it (`relaying_stop_requests`), which must stop the loop as well."""
+    job = resumable_job(tmp_path, tiny_model_dir)
+    output = tmp_path / "out"
+    reached, relayed, outcome = threading.Event(), threading.Event(), {}
+
+    def write(fields: dict) -> None:  # holds the loop after step 4 until the relay has passed the request on
+        if (fields.get("current_step") or 0) >= 4 and fields.get("status") == "running" and not reached.is_set():
+            reached.set()
+            assert relayed.wait(timeout=30)
+
+    def poll() -> str | None:
+        if not reached.is_set():
+            return None
+        relayed.set()
+        return "SIGTERM to the driver"
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with relaying_stop_requests(poll):
+        thread = threading.Thread(target=lambda: outcome.update(result=train(load_config(job), status_writer=write)))
+        thread.start()
+        thread.join(timeout=300)
+    result = outcome["result"]
+    assert result.error.startswith("preempted: stopped by SIGTERM to the driver at step "), result.error
+    assert result.summary["preempted"] is True and 4 <= result.global_step < STEPS
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # none installed from the thread
+    stopped = Path(result.last_checkpoint_path)
+    assert stopped.name == f"step_{result.global_step:06d}" and (stopped / "COMPLETE").is_file()
+    assert read_json_if_present(output / "status.json")["status"] == "preempted"
+    assert_resumes_exactly(job, output, stopped, uninterrupted)  # in the main thread: the request is gone
 
 
 def test_sigterm_inside_a_checkpoint_save_finishes_that_save_and_stops_there(tmp_path, tiny_model_dir,
