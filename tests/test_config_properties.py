@@ -214,6 +214,13 @@ def valid_jobs(draw) -> dict[str, dict]:
         job["monitoring"]["validation_split"] = 0.5
     if h.get("max_steps", -1) <= 0 and h.get("num_epochs", 1) <= 0:
         h["num_epochs"] = 1
+    data = job["data"]
+    if data.get("streaming"):  # a stream has no length, and no fixed set of examples to hold out
+        if h.get("max_steps", -1) <= 0:
+            h["max_steps"] = 1
+        if not (data.get("validation_path") or data.get("validation_split_name")):
+            job["monitoring"].pop("validation_split", None)
+            h.pop("eval_steps", None)
     return {name: values for name, values in job.items() if values}
 
 

@@ -292,11 +292,13 @@ def test_sigterm_while_loading_stops_with_exit_3_and_no_running_status(tmp_path,
 
 @pytest.mark.slow
 def test_ctrl_c_mid_run_prints_no_traceback(tmp_path, tiny_model_dir):
-    job = small_job(tmp_path, tiny_model_dir, **{"hyperparams.max_steps": 400, "hyperparams.save_steps": 0})
+    # Far more steps than can run before the signal lands, however loaded the machine (400 once finished first).
+    job = small_job(tmp_path, tiny_model_dir, **{"hyperparams.max_steps": 100_000, "hyperparams.save_steps": 0,
+                                                 "environment.logging_steps": 1000})
     process = _start(job)
     status_file = tmp_path / "out" / "status.json"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         status = read_json_if_present(status_file) if status_file.exists() else None
         if status and (status.get("current_step") or 0) >= 2:
             break
