@@ -59,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--optim", default=None, help="TrainingArguments.optim (default: Trainer's own default)")
-    parser.add_argument("--attn", default="sdpa", help="attn_implementation")
+    parser.add_argument("--attn", default=None, help="attn_implementation (default: transformers chooses, as our "
+                                                     "model.attn_implementation = \"auto\" does)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-save", action="store_true", help="skip saving the final model")
     return parser.parse_args(argv)
@@ -113,7 +114,7 @@ def build_trainer(args, callbacks=()):
     if args.collator == "ours":
         from loop.data.batches import Collator
 
-        collator = CountingCollator(Collator(tokenizer.pad_token_id, flash_varlen=args.attn.startswith("flash")))
+        collator = CountingCollator(Collator(tokenizer.pad_token_id, flash_varlen=(args.attn or "").startswith("flash")))
     else:
         collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                                            return_tensors="pt"))

@@ -1,7 +1,7 @@
 """Run the CPU benchmarks and write `bench/results/latest.md` (and a dated copy).
 
-    python -m bench.run_all                  # everything, about 12 minutes on 2 cores (`make bench`)
-    python -m bench.run_all --quick          # a smoke run of every benchmark, under 3 minutes
+    python -m bench.run_all                  # everything, about 50 minutes on 2 cores (`make bench`)
+    python -m bench.run_all --quick          # a smoke run of every benchmark but data_scale, about 5 minutes
     python -m bench.run_all --only overhead --only waste
     python -m bench.run_all --skip memory
     python -m bench.run_all --output /tmp/x.md   # write there instead of bench/results/
@@ -17,11 +17,16 @@ Benchmarks (each is also a module with `run(quick)` and `python -m bench.<module
 | preprocess | preprocess | bench_preprocess.py: cold and cached data preparation |
 | resume | resume | to first step when resuming early and late |
 | checkpoint | checkpoint | save time and size per checkpoint |
+| loss | loss_memory | peak memory and step time of the fused loss (151,936-token vocabulary) against the logits path |
+| optimizers | optimizers | state bytes and step time of adamw_8bit, paged_adamw_8bit and adafactor against AdamW |
+| trl | trl_sft | trained tokens/s of our packing against TRL's SFTTrainer with padding-free BFD packing |
+| data_scale | data_scale | memory and time of preparing 200k and 1M records, packing 1M examples, a 50 MB line |
 | memory | bench_memory | peak memory and step time of LoRA, QLoRA, checkpointing against full fine-tuning |
 
+`data_scale` (about 30 minutes; its own --quick a few) is left out of --quick unless named with --only.
 `memory` (a colleague's module, about 3 minutes) runs when `bench/bench_memory.py` exists, as its own
 process (`python -m bench.bench_memory`): it forks children to measure resident memory and wants a
-parent that has not computed anything; its table rows are read back into ours. It is left out of
+parent that has not computed anything; its table rows are read back into ours. It too is left out of
 --quick unless named with --only (its own --quick takes about a minute).
 Progress goes to stderr. A benchmark that fails becomes a row saying so; the others still run.
 The GPU benchmark is separate: `scripts/gpu_check.sh` (bench/gpu.py).
@@ -47,7 +52,12 @@ BENCHMARKS = {
     "preprocess": "bench.preprocess",
     "resume": "bench.resume",
     "checkpoint": "bench.checkpoint",
+    "loss": "bench.loss_memory",
+    "optimizers": "bench.optimizers",
+    "trl": "bench.trl_sft",
+    "data_scale": "bench.data_scale",
 }
+NOT_IN_QUICK = {"data_scale"}  # too long even as a smoke run: only when named with --only
 OPTIONAL_SCRIPTS = {"memory": REPO_ROOT / "bench" / "bench_memory.py"}
 # One line per benchmark for the report; the module docstrings say it in full.
 HOW = {
@@ -67,6 +77,17 @@ HOW = {
               "batch after skipping 49,999",
     "checkpoint": "our `Checkpointer.save` against `torch.save` of model and optimizer state, alternating rounds, "
                   "after two training steps",
+    "loss": "three fresh processes, one training step each at Qwen3's vocabulary (hidden 64, 2 x 2,048 tokens, "
+            "fp32): ours with the fused loss, ours with the logits path, Trainer; peak resident memory above the "
+            "start of set-up, and the step's time",
+    "optimizers": "each optimizer as the loop builds it on its own copy of the bench model, the same gradients; "
+                  "state bytes after the first step against the plan's prediction, and `optimizer.step()` time in "
+                  "rounds that rotate the order",
+    "trl": "one epoch each of our `train()` (`data.packing`) and TRL's `SFTTrainer` (BFD packing, padding-free) "
+           "on the same lognormal-length chat records and model, alternating rounds; trained tokens/s over steps "
+           "2..last",
+    "data_scale": "`build_datasets` (packing on) in a fresh process per size, 200k and 1M records and a 50 MB line; "
+                  "peak resident memory and CPU time per record",
     "memory": "a colleague's module: fresh processes per variant, resident memory and step time (its docstring)",
 }
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -113,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     # The colleagues' modules run when present, but not in a --quick smoke unless named with --only.
     found = [name for name, path in OPTIONAL_SCRIPTS.items() if path.exists() and not args.quick]
-    names = [name for name in (args.only or [*BENCHMARKS, *found]) if name not in args.skip]
+    every = [name for name in BENCHMARKS if not (args.quick and name in NOT_IN_QUICK)] + found
+    names = [name for name in (args.only or every) if name not in args.skip]
     log(f"benchmarks: {', '.join(names)}{' (quick)' if args.quick else ''}; building the bench model")
     model_dir = bench_model()
     num_params = count_parameters(model_dir)

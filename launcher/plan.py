@@ -456,17 +456,35 @@ def head_activation_bytes(shape: ModelShape, setup: Setup, head_trains: bool) ->
     return saved
 
 
+FUSED_CHUNK_TOKENS = 1024
+"""Tokens a chunk of the fused loss: `loop.loss.FUSED_CHUNK_ROWS` (this module imports no torch; a
+test checks the two agree)."""
+
+
 def loss_bytes(shape: ModelShape, setup: Setup) -> float:
     """Bytes the loss holds at its peak (backward), for the micro-batch.
 
     logits: float32 log-probabilities (kept by log_softmax) and, in backward, the gradients of the
     loss and of log_softmax: three (tokens x vocabulary) float32 tensors at once.
-    fused: torch's chunked linear_cross_entropy: the gradient of its input and a chunk of logits and
-    their gradient, each about (tokens x hidden) floats with its default chunking.
+    fused: torch's chunked linear_cross_entropy, whose backward recomputes one chunk at a time: the
+    chunk's float32 logits, turned into their gradient in place (`fused_chunk_bytes`), and the
+    gradient of the whole input.
     """
     if setup.loss == "logits":
         return 3 * 4 * setup.tokens * shape.vocab_size
-    return 3 * 4 * setup.tokens * shape.hidden_size
+    h, V, r = shape.hidden_size, shape.vocab_size, setup.residual_bytes
+    grad_input = setup.tokens * h * (4 if setup.device == "cpu" else r)  # float32 on CPU ("accurate" policy)
+    # 16-bit inputs on CPU: the "accurate" policy also casts the output weight to float32 and keeps a
+    # float32 scratch for each chunk's weight gradient.
+    weight_scratch = 2 * 4 * V * h if r == 2 and setup.device == "cpu" else 0
+    return fused_chunk_bytes(shape, setup) + grad_input + weight_scratch
+
+
+def fused_chunk_bytes(shape: ModelShape, setup: Setup) -> float:
+    """One chunk of the fused loss: (chunk tokens x vocabulary) float32 logits, and under 16-bit
+    inputs on a GPU their 16-bit copy for the gradients' matmuls (torch's "compact" policy)."""
+    chunk = min(setup.tokens, FUSED_CHUNK_TOKENS)
+    return chunk * shape.vocab_size * (4 + (2 if setup.residual_bytes == 2 and setup.device != "cpu" else 0))
 
 
 def estimate(shape: ModelShape, setup: Setup, tensors: list[Tensor] | None = None) -> Estimate:
@@ -538,8 +556,9 @@ def estimate(shape: ModelShape, setup: Setup, tensors: list[Tensor] | None = Non
         loss_forward = tokens * V * (setup.act_bytes + (4 if setup.act_bytes == 2 else 0) + 4)
         notes["loss"] = "logits path: log-probabilities and two gradients, float32 (tokens x vocabulary)"
     else:
-        loss_forward = 2 * 4 * tokens * h
-        notes["loss"] = "fused path: chunks of logits and the input's gradient (about tokens x hidden)"
+        loss_forward = 4 * min(tokens, FUSED_CHUNK_TOKENS) * V  # one chunk's logits at a time
+        notes["loss"] = (f"fused path: a chunk of {min(tokens, FUSED_CHUNK_TOKENS):,} tokens' logits, float32, "
+                         "and the input's gradient")
 
     # The output layer's weight gradient is made during the loss's backward (a temporary when it is
     # added to an existing gradient); the logits path makes it once its three big tensors are down to one.

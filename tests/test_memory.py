@@ -72,6 +72,36 @@ def test_auto_takes_the_fused_path_where_exact_and_says_why_not_elsewhere(tmp_pa
     assert "not exact for this job" in caplog.text and "not a plain nn.Linear" in caplog.text
 
 
+def test_the_fused_loss_over_several_chunks_equals_the_logits_path(tiny_model_dir):
+    """2,500 tokens make three chunks of the fused loss (the runs above fit in one): the same row sums
+    and the same gradients as the model's own logits, with padding and a prompt masked out."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from loop.loss import FUSED_CHUNK_ROWS, summed_token_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 1250), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :300] = -100  # a prompt
+    labels[1, 1000:] = -100  # padding
+    attention_mask = (labels != -100) | (torch.arange(1250) < 1000)
+    batch = {"input_ids": ids, "attention_mask": attention_mask.long(), "labels": labels}
+    assert ids.numel() > 2 * FUSED_CHUNK_ROWS
+
+    results = []
+    for head in (None, model.get_output_embeddings()):
+        model.zero_grad(set_to_none=True)
+        losses, counts = summed_token_loss(model, batch, head)
+        (losses.sum() / counts.sum()).backward()
+        results.append((losses.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits_losses, logits_counts, logits_grads), (fused_losses, fused_counts, fused_grads) = results
+    assert torch.equal(fused_counts, logits_counts)
+    torch.testing.assert_close(fused_losses, logits_losses, rtol=1e-5, atol=0)
+    for name, grad in logits_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_a_model_that_soft_caps_its_logits_keeps_the_logits_path(tmp_path, tiny_model_dir):
     """The probe forward notices what happens after the output layer (Gemma 2's soft-capping)."""
     from accelerate import Accelerator

@@ -202,8 +202,20 @@ def test_the_logits_path_holds_three_float32_vocabulary_rows_per_token():
     # 2 x 2,048 tokens x 151,936 x 4 bytes x 3 (log-probabilities, and in backward two gradients)
     qwen = PUBLISHED_MODELS["Qwen3-8B"]
     assert loss_bytes(qwen, Setup(micro_batch=2, seq_len=2048, loss="logits")) == 7_467_958_272
-    # fused: 3 x 4 bytes x 4,096 tokens x 4,096 hidden
-    assert loss_bytes(qwen, Setup(micro_batch=2, seq_len=2048, loss="fused")) == 201_326_592
+    # fused, fp32: one chunk of 1,024 tokens' float32 logits (4 x 1,024 x 151,936) and the float32
+    # gradient of the 4,096 x 4,096 input (4 x 4,096 x 4,096)
+    assert loss_bytes(qwen, Setup(micro_batch=2, seq_len=2048, loss="fused")) == 622_329_856 + 67_108_864
+    # 16-bit weights on a GPU: the chunk's logits also in 16 bits for the gradients' matmuls (2 x 1,024 x
+    # 151,936), and a 16-bit input gradient
+    assert loss_bytes(qwen, Setup(micro_batch=2, seq_len=2048, loss="fused", precision="bf16",
+                                  weight_dtype="bfloat16")) == 622_329_856 + 311_164_928 + 33_554_432
+
+
+def test_the_plan_chunks_the_fused_loss_as_the_loop_does():
+    from launcher.plan import FUSED_CHUNK_TOKENS
+    from loop.loss import FUSED_CHUNK_ROWS, _chunked
+
+    assert FUSED_CHUNK_TOKENS == FUSED_CHUNK_ROWS == _chunked().batch_chunk_size
 
 
 def test_the_peak_grows_with_the_micro_batch_and_the_largest_that_fits_is_found():
@@ -319,9 +331,7 @@ def test_the_table_in_docs_memory_md_is_current():
 # --- calibration: predicted against measured peaks on CPU --------------------------------------------
 
 # A Qwen3-shaped model whose terms are all of a size: 5.2M parameters (21 MiB in float32), activations
-# of about 100 KiB and logits of 96 KiB a token. Its vocabulary is 8,192, not 32K+: torch's chunked
-# linear_cross_entropy with its default chunking reads the output layer's weight about 2 x vocabulary /
-# hidden times a step, 40 x vocabulary^2 bytes, which at 32,768 took 30 s a step here (docs/memory.md).
+# of about 100 KiB and logits of 96 KiB a token (vocabulary 8,192).
 CALIBRATION_MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                      "head_dim": 64, "intermediate_size": 768, "vocab_size": 8192}
 LORA = {"lora.enabled": True, "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05}
