@@ -80,7 +80,7 @@ def chains_for(long_form: bool, rng: random.Random) -> list[list[str]]:
         # "final" only comes last: after it there is nothing left to interrupt but the final save.
         # Every other chain ends with it, so the long form surely kills inside the final save.
         modes = [rng.choices(MODES[:4], weights=(4, 3, 3, 2))[0] for _ in range(size - 1)]
-        modes.append("final" if len(chains) % 2 == 0 else rng.choices(MODES, weights=(3, 2, 2, 3))[0])
+        modes.append("final" if len(chains) % 2 == 0 else rng.choices(MODES, weights=(3, 2, 2, 2, 3))[0])
         chains.append(modes)
         remaining -= size
     return chains
@@ -348,3 +348,13 @@ def _learn_timing(timing: Timing, invocation: Invocation, resume_step: int, wall
         runtime = result["runtime_sec"]
         timing.startup = max(1.0, wall - runtime + records[0]["elapsed_sec"] - timing.per_step)
         timing.tail = max(0.5, runtime - records[-1]["elapsed_sec"])
+
+
+def test_the_long_form_draws_its_kill_chains():
+    """The long form runs only before resolving an issue: draw its chains here, so that a mode added
+    without its weight fails in every run, not in the long one."""
+    for seed in range(20):
+        chains = chains_for(True, random.Random(seed))
+        assert sum(len(chain) for chain in chains) == LONG_TRIALS
+        assert all(mode in MODES for chain in chains for mode in chain)
+        assert all(chain[-1] == "final" for chain in chains[::2])
