@@ -21,9 +21,11 @@ Benchmarks (each is also a module with `run(quick)` and `python -m bench.<module
 | optimizers | optimizers | state bytes and step time of adamw_8bit, paged_adamw_8bit and adafactor against AdamW |
 | trl | trl_sft | trained tokens/s of our packing against TRL's SFTTrainer with padding-free BFD packing |
 | data_scale | data_scale | memory and time of preparing 200k and 1M records, packing 1M examples, a 50 MB line |
+| trl_data | trl_data | CPU time and peak memory of our data preparation against TRL SFTTrainer's (tokenize, BFD) |
 | memory | bench_memory | peak memory and step time of LoRA, QLoRA, checkpointing against full fine-tuning |
 
-`data_scale` (about 30 minutes; its own --quick a few) is left out of --quick unless named with --only.
+`data_scale` (about 30 minutes; its own --quick a few) and `trl_data` (about 30 minutes; its own --quick 5-8)
+are left out of --quick unless named with --only.
 `memory` (a colleague's module, about 3 minutes) runs when `bench/bench_memory.py` exists, as its own
 process (`python -m bench.bench_memory`): it forks children to measure resident memory and wants a
 parent that has not computed anything; its table rows are read back into ours. It too is left out of
@@ -56,8 +58,9 @@ BENCHMARKS = {
     "optimizers": "bench.optimizers",
     "trl": "bench.trl_sft",
     "data_scale": "bench.data_scale",
+    "trl_data": "bench.trl_data",
 }
-NOT_IN_QUICK = {"data_scale"}  # too long even as a smoke run: only when named with --only
+NOT_IN_QUICK = {"data_scale", "trl_data"}  # too long even as a smoke run: only when named with --only
 OPTIONAL_SCRIPTS = {"memory": REPO_ROOT / "bench" / "bench_memory.py"}
 # One line per benchmark for the report; the module docstrings say it in full.
 HOW = {
@@ -88,6 +91,10 @@ HOW = {
            "2..last",
     "data_scale": "`build_datasets` (packing on) in a fresh process per size, 200k and 1M records and a 50 MB line; "
                   "peak resident memory and CPU time per record",
+    "trl_data": "`build_datasets` (packing on, max_length 2048, num_proc 1, empty cache) against "
+                "`load_dataset(\"json\")` + `SFTTrainer._prepare_dataset` (assistant-only masks, BFD packing, "
+                "max_length 2048) on the same records and tokenizer, each in a fresh process, alternating rounds; "
+                "CPU time per record, peak resident memory, and the tokens and packed rows each prepared",
     "memory": "a colleague's module: fresh processes per variant, resident memory and step time (its docstring)",
 }
 RESULTS = REPO_ROOT / "bench" / "results"
