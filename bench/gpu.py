@@ -1,5 +1,6 @@
-"""GPU check: our loop against transformers' Trainer on a ~0.5B Qwen-shaped model, plus QLoRA and
-DeepSpeed ZeRO-2 smoke runs. One script, under 8 minutes on one H100/H200/A100.
+"""GPU check: our loop against transformers' Trainer on a ~0.5B Qwen-shaped model, the fused loss, compile
+and the memory planner against measured peaks, plus QLoRA and DeepSpeed ZeRO-2 smoke runs. One script,
+under 8 minutes on one H100/H200/A100.
 
     scripts/gpu_check.sh                      # = python bench/gpu.py, on a machine with a CUDA GPU
     python bench/gpu.py --cpu-smoke           # the same code paths with a tiny model on CPU, a few steps
@@ -24,10 +25,20 @@ What it does, in a temporary folder, with nothing from a model hub:
    peak from `PEAK_TFLOPS` or `loop/throughput.py`'s table by GPU name. Target for the dense model:
    >= 40%. Attention adds about 12 x layers x hidden x sequence FLOPs per token (about 18% more
    for this model at 2048 tokens, less for packed short examples), so the figure understates use.
-6. QLoRA smoke: the same job with `model.load_in_4bit = true` and `[lora] enabled = true`, a few
+6. Fused against logits loss: the dense job for 20 steps logged at every step, once with
+   `hyperparams.loss = "logits"` and once with `"fused"`: peak memory (`torch.cuda.max_memory_allocated`,
+   from result.json) and tokens/s (steps 6..20) of each, their ratios, and the relative difference of
+   the first 3 steps' losses (reported; the paths differ only in rounding).
+7. Compile: the fused run again with `model.compile = true` against the eager one of 6: the relative
+   difference of the first 3 steps' losses (target <= 1e-4), tokens/s after the warm-up (steps 6..20),
+   and the compile time (time to the first step, compiled minus eager).
+8. The planner: `launcher.plan.plan_job`'s predicted peak per device (in-process, this GPU's memory) for
+   each of our runs (dense, 6, 7, QLoRA, ZeRO-2) against its measured peak; the error in percent
+   (target within +-15%; the plan does not model compile, so it over-estimates that run).
+9. QLoRA smoke: the same job with `model.load_in_4bit = true` and `[lora] enabled = true`, a few
    steps through `python -m launcher run`; checks that it succeeds, that the loss is finite, and
    that `final/` holds a LoRA adapter (`adapter_config.json`), i.e. that an adapter was trained.
-7. ZeRO-2 smoke: the same dense job through `python -m launcher run` with `[launch]
+10. ZeRO-2 smoke: the same dense job through `python -m launcher run` with `[launch]
    accelerate_config` naming a one-process DeepSpeed ZeRO-2 file; success, tokens/s, peak memory
    (DeepSpeed's bf16 mode keeps bf16 weights with an fp32 master copy and no autocast, so its
    figures are not those of the dense recipe).
@@ -37,11 +48,15 @@ SDPA). Packed batches then carry the flattened batch's sequence boundaries (`cu_
 `tests/test_data.py::test_packed_loss_with_flash_attention_equals_unpacked_on_cuda`, run first by
 `scripts/gpu_check.sh` with the other GPU-marked tests, checks that examples stay apart.
 
-Every run has a time limit, and all of them together at most 7 minutes (a run that would start
-with less than 30 s left is reported as skipped). It prints one table at the end and writes its
-raw numbers to `$OUT/gpu_check.json` when `$OUT` is set, else to `bench/results/gpu-<date>.json`
-(`gpu-cpu-smoke-<date>.json` with --cpu-smoke).
+Every run has a time limit, and all of them together at most 7 minutes (15 with --cpu-smoke; a run
+that would start with less than 30 s left is reported as skipped). With --cpu-smoke, 6 and 7 run 4
+steps (tokens/s after step 1) and the memory figures are the processes' peak RSS (`ru_maxrss`,
+libraries included): the planner's predictions are listed but not compared. It prints one table
+at the end (the runs, then the fused/logits, compile/eager and planner figures with their targets)
+and writes its raw numbers, `comparisons` included, to `$OUT/gpu_check.json` when `$OUT` is set,
+else to `bench/results/gpu-<date>.json` (`gpu-cpu-smoke-<date>.json` with --cpu-smoke).
 Exit code 0 when every run succeeded (targets missed are reported, not failures), 1 otherwise.
+`--skip loss`, `--skip compile` (and trainer, qlora, zero2) leave parts out.
 """
 
 from __future__ import annotations
@@ -58,6 +73,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TARGET_MFU = 0.40
+TARGET_COMPILE_REL = 1e-4  # compiled layers' first losses against eager ones, relative
+TARGET_PLAN_ERROR = 0.15  # the planner's predicted peak against the measured one, relative
 # Every run gets at most what is left of this; with imports and the kill grace of a timed-out run
 # the script ends within 8 minutes.
 BUDGET_S = 420
@@ -79,14 +96,24 @@ class Settings:
     smoke_steps: int
     num_records: int
     timeout_s: int
+    extra_steps: int
+    """Steps of each of the loss and compile runs (logged at every step)."""
+    warmup_steps: int
+    """Steps of those runs left out of their tokens/s (compilation, allocator warm-up)."""
+    compare_steps: int
+    """First steps whose losses are compared (fused against logits, compiled against eager)."""
+    budget_s: int
+    """All runs together get at most this many seconds."""
 
 
 FULL = Settings(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
                 vocab_size=151936, seq_len=2048, batch_size=4, accumulation=2, max_steps=60, logging_steps=10,
-                smoke_steps=6, num_records=6000, timeout_s=240)
+                smoke_steps=6, num_records=6000, timeout_s=240, extra_steps=20, warmup_steps=5, compare_steps=3,
+                budget_s=BUDGET_S)
 CPU_SMOKE = Settings(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                      vocab_size=4096, seq_len=128, batch_size=2, accumulation=2, max_steps=6, logging_steps=2,
-                     smoke_steps=2, num_records=200, timeout_s=300)
+                     smoke_steps=2, num_records=200, timeout_s=300, extra_steps=4, warmup_steps=1, compare_steps=3,
+                     budget_s=900)
 
 
 def log(message: str) -> None:
@@ -191,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model on CPU, a few steps: checks the code paths")
-    parser.add_argument("--skip", action="append", default=[], choices=("trainer", "qlora", "zero2"),
+    parser.add_argument("--skip", action="append", default=[], choices=("trainer", "loss", "compile", "qlora", "zero2"),
                         help="leave out a part (repeatable)")
     parser.add_argument("--batch-size", type=int, help="rows of 2048 tokens per micro-batch (default 4; lower it "
                                                        "on GPUs under 40 GB)")
@@ -215,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     # No hub, quiet libraries; one thread per process on CPU, torch's own choice on a GPU machine.
     configure_process(threads=None if on_gpu else THREADS)
     started = time.time()
-    deadline = started + BUDGET_S
+    deadline = started + settings.budget_s
 
     def time_left(cap: int) -> int:
         return int(min(cap, deadline - time.time()))
@@ -256,11 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     def out_of_time(name: str) -> bool:
         if time_left(settings.timeout_s) >= 30:
             return False
-        log(f"{name}: skipped, the {BUDGET_S} s budget is spent")
-        results["runs"][name] = {"success": False, "error": f"skipped: the script's {BUDGET_S} s budget was spent"}
+        log(f"{name}: skipped, the {settings.budget_s} s budget is spent")
+        results["runs"][name] = {"success": False,
+                                 "error": f"skipped: the script's {settings.budget_s} s budget was spent"}
         return True
 
-    def ours(name: str, job_path: Path, *overrides: str) -> dict:
+    def ours(name: str, job_path: Path, *overrides: str, per_step: bool = False) -> dict:
+        """`python -m launcher run` of a job; `per_step`: a job logged at every step, whose tokens/s leave out
+        the first `warmup_steps` and whose step losses and time to the first step are kept."""
         if out_of_time(name):
             return results["runs"][name]
         output = folder / name / "out"
@@ -268,17 +298,47 @@ def main(argv: list[str] | None = None) -> int:
         _, seconds, code = run_command(run_command_of(job_path, f"output.output_dir={output}", *overrides),
                                        folder / f"{name}.log", timeout=time_left(settings.timeout_s), check=False)
         result = read_result(output)
-        tokens_per_sec, step_s = steady_tokens_per_sec(read_metrics(output))
+        summary = result.get("summary") or {}
+        records = read_metrics(output)
+        if per_step:
+            tokens_per_sec, step_s = steady_tokens_per_sec(records[max(settings.warmup_steps - 1, 0):])
+        else:
+            tokens_per_sec, step_s = steady_tokens_per_sec(records)
         run = {"exit_code": code, "success": bool(result.get("success")) and code == 0, "wall_s": seconds,
                "tokens_per_sec": tokens_per_sec, "s_per_step": step_s, "mfu": mfu(tokens_per_sec),
                "final_loss": result.get("final_loss"),
                "error": result.get("error") or ("timed out" if code == 124 else None),
-               "peak_memory_bytes": (result.get("summary") or {}).get("peak_memory_bytes"),
-               "log": str(folder / f"{name}.log")}
+               "peak_memory_bytes": summary.get("peak_memory_bytes"),
+               "peak_memory_source": "torch.cuda.max_memory_allocated" if on_gpu else
+               "ru_maxrss (the whole process's peak resident memory, libraries included)",
+               "loss_path": summary.get("loss"), "log": str(folder / f"{name}.log")}
+        if per_step:
+            run["step_losses"] = [[r["step"], r["loss"]] for r in records]
+            run["first_step_s"] = records[0]["elapsed_sec"] if records else None
+            run["warmup_steps"] = settings.warmup_steps
+        run.update(planned(job_path, run["peak_memory_bytes"]))
         if code != 0:
             run["log_tail"] = (folder / f"{name}.log").read_text(errors="replace")[-2000:]
         results["runs"][name] = run
         return run
+
+    def planned(job_path: Path, measured: int | None) -> dict:
+        """The planner's predicted peak per device for the job (in-process, `launcher.plan.plan_job`) and
+        its error against the measured peak (on a GPU only: on CPU the measure is the process's RSS)."""
+        from launcher.config import load_config
+        from launcher.plan import plan_job
+
+        try:
+            plan = plan_job(load_config(job_path, check_environment=False), gpu_memory=None if on_gpu else "80GB",
+                            device="cuda" if on_gpu else "cpu")
+        except Exception as error:  # reported, not fatal: the run itself is what the script checks
+            return {"planned_peak_bytes": None, "plan_error": f"{type(error).__name__}: {error}"}
+        out = {"planned_peak_bytes": plan.estimate.peak, "planned_peak_phase": plan.estimate.peak_phase,
+               "planned_loss_path": plan.setup.loss, "plan_error_pct": None}
+        if on_gpu and measured:
+            out["plan_error_pct"] = 100 * (plan.estimate.peak - measured) / measured
+            out["plan_within_target"] = abs(out["plan_error_pct"]) <= 100 * TARGET_PLAN_ERROR
+        return out
 
     ours("ours dense", job)
 
@@ -305,6 +365,19 @@ def main(argv: list[str] | None = None) -> int:
             run["log_tail"] = (folder / "trainer.log").read_text(errors="replace")[-2000:]
         results["runs"]["Trainer dense"] = run
 
+    if "loss" not in args.skip or "compile" not in args.skip:
+        # The same dense job for a few dozen steps, logged at every step: the fused loss against the logits
+        # path, and compiled decoder layers against the eager fused run.
+        extra = {**dense, "hyperparams.max_steps": settings.extra_steps, "environment.logging_steps": 1}
+        if "loss" not in args.skip:
+            ours("ours loss=logits", bench_job(folder / "logits", model_dir, data,
+                                               **{**extra, "hyperparams.loss": "logits"}), per_step=True)
+        ours("ours loss=fused", bench_job(folder / "fused", model_dir, data, **{**extra, "hyperparams.loss": "fused"}),
+             per_step=True)
+        if "compile" not in args.skip:
+            ours("ours compile", bench_job(folder / "compile", model_dir, data, **{
+                **extra, "hyperparams.loss": "fused", "model.compile": True}), per_step=True)
+
     if "qlora" not in args.skip:
         if on_gpu and importlib.util.find_spec("bitsandbytes") is None:
             results["runs"]["ours QLoRA"] = {"success": False, "error": "bitsandbytes is not installed"}
@@ -330,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             **dense, "launch.accelerate_config": str(config_file), "hyperparams.max_steps": zero_steps})
         ours("ours ZeRO-2", zero_job)
 
+    results["comparisons"] = comparisons(results["runs"], settings, on_gpu)
     results["total_s"] = time.time() - started
     print(table(results))
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO_ROOT / "bench" / "results"
@@ -341,16 +415,73 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(run.get("success") for run in results["runs"].values()) else 1
 
 
+def loss_differences(run: dict, reference: dict, steps: int) -> list[float]:
+    """|loss - reference loss| / |reference loss| at each of the first `steps` steps both runs logged."""
+    theirs = {step: loss for step, loss in reference.get("step_losses") or []}
+    return [abs(loss - theirs[step]) / abs(theirs[step]) for step, loss in (run.get("step_losses") or [])[:steps]
+            if theirs.get(step)]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def comparisons(runs: dict, settings: Settings, on_gpu: bool) -> dict:
+    """Fused against logits loss, compiled against eager layers, and the planner against measured peaks."""
+    out: dict = {}
+    logits, fused, compiled = (runs.get(name, {}) for name in ("ours loss=logits", "ours loss=fused", "ours compile"))
+    memory = "torch.cuda.max_memory_allocated" if on_gpu else "ru_maxrss (CPU: the process, libraries included)"
+    if logits.get("success") and fused.get("success"):
+        differences = loss_differences(fused, logits, settings.compare_steps)
+        out["fused vs logits"] = {
+            "loss_paths": {"fused run": fused.get("loss_path"), "logits run": logits.get("loss_path")},
+            "peak_memory_bytes": {"fused": fused.get("peak_memory_bytes"), "logits": logits.get("peak_memory_bytes")},
+            "peak_memory_ratio": ratio(fused.get("peak_memory_bytes"), logits.get("peak_memory_bytes")),
+            "peak_memory_source": memory,
+            "tokens_per_sec": {"fused": fused.get("tokens_per_sec"), "logits": logits.get("tokens_per_sec")},
+            "tokens_per_sec_ratio": ratio(fused.get("tokens_per_sec"), logits.get("tokens_per_sec")),
+            "loss_rel_diff_per_step": differences, "loss_rel_diff_max": max(differences, default=None),
+            "steps_after_warmup": settings.extra_steps - settings.warmup_steps}
+    # The eager run of the loss path the compiled run took (it asks for "fused"; `choose_loss_head` falls
+    # back to logits when its probe forward of the compiled model does not match the output layer).
+    same_path = [name for name in ("ours loss=fused", "ours loss=logits")
+                 if runs.get(name, {}).get("success") and runs[name].get("loss_path") == compiled.get("loss_path")]
+    eager_name = same_path[0] if same_path else "ours loss=fused"
+    eager = runs.get(eager_name, {})
+    if compiled.get("success") and eager.get("success"):
+        differences = loss_differences(compiled, eager, settings.compare_steps)
+        worst = max(differences, default=None)
+        first = (compiled.get("first_step_s"), eager.get("first_step_s"))
+        out["compile vs eager"] = {
+            "eager_run": eager_name, "loss_paths": {"compiled": compiled.get("loss_path"),
+                                                    "eager": eager.get("loss_path")},
+            "fused_requested_but_not_taken": compiled.get("loss_path") != "fused",
+            "loss_rel_diff_per_step": differences, "loss_rel_diff_max": worst, "loss_target": TARGET_COMPILE_REL,
+            "loss_within_target": None if worst is None else worst <= TARGET_COMPILE_REL,
+            "tokens_per_sec": {"compiled": compiled.get("tokens_per_sec"), "eager": eager.get("tokens_per_sec")},
+            "tokens_per_sec_ratio": ratio(compiled.get("tokens_per_sec"), eager.get("tokens_per_sec")),
+            "first_step_s": {"compiled": first[0], "eager": first[1]},
+            "compile_s": first[0] - first[1] if None not in first else None,
+            "peak_memory_ratio": ratio(compiled.get("peak_memory_bytes"), eager.get("peak_memory_bytes"))}
+    out["plan"] = {"target_pct": 100 * TARGET_PLAN_ERROR, "compared": on_gpu, "runs": {
+        name: {key: run.get(key) for key in ("planned_peak_bytes", "peak_memory_bytes", "plan_error_pct",
+                                             "plan_within_target", "planned_peak_phase", "planned_loss_path")}
+        for name, run in runs.items() if run.get("planned_peak_bytes") is not None}}
+    return out
+
+
 def table(results: dict) -> str:
     def fmt(value, spec: str, scale: float = 1.0) -> str:
         return "" if value is None else format(value * scale, spec)
 
     gib = 1 / 2**30
+    memory_spec = ".3f" if results.get("cpu_smoke") else ".1f"
     lines = [f"\n{results['device']}, {results['num_params'] / 1e6:.1f}M parameters, bf16, seq "
              f"{results['settings']['seq_len']}, packed, {results['attention']}; peak "
              f"{results['peak_tflops'] or 'n/a'} TFLOP/s ({results['peak_source']})\n",
-             "| run | ok | tokens/s | s/step | MFU (6N) | peak memory GiB | final loss | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| run | ok | tokens/s | s/step | MFU (6N) | peak memory GiB | planned GiB | plan error | final loss "
+             "| note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, run in results["runs"].items():
         note = run.get("error") or ""
         if "adapter_saved" in run:
@@ -359,15 +490,66 @@ def table(results: dict) -> str:
             note = note or "DeepSpeed's bf16: bf16 weights, fp32 master copy, no autocast; not the dense recipe"
         if name == "ours dense" and run.get("mfu") is not None:
             note = f"MFU target >= {TARGET_MFU:.0%}: {'met' if run['mfu'] >= TARGET_MFU else 'MISSED'}"
+        if "step_losses" in run and not note:
+            note = f"{run.get('loss_path')} loss path; tokens/s after step {run.get('warmup_steps')}"
+        if run.get("planned_loss_path") and run.get("loss_path") and run["planned_loss_path"] != run["loss_path"]:
+            note = f"{note}; " if note else ""
+            note += f"the plan assumed the {run['planned_loss_path']} loss, the run took {run['loss_path']}"
         lines.append(f"| {name} | {'yes' if run.get('success') else 'NO'} | {fmt(run.get('tokens_per_sec'), ',.0f')} | "
                      f"{fmt(run.get('s_per_step'), '.3f')} | {fmt(run.get('mfu'), '.1%')} | "
-                     f"{fmt(run.get('peak_memory_bytes'), '.1f', gib)} | {fmt(run.get('final_loss'), '.3f')} | "
+                     f"{fmt(run.get('peak_memory_bytes'), memory_spec, gib)} | "
+                     f"{fmt(run.get('planned_peak_bytes'), memory_spec, gib)} | "
+                     f"{fmt(run.get('plan_error_pct'), '+.1f')}{'' if run.get('plan_error_pct') is None else '%'} | "
+                     f"{fmt(run.get('final_loss'), '.3f')} | "
                      f"{str(note).splitlines()[0][:160] if note else ''} |")
     ours, hf = results["runs"].get("ours dense", {}), results["runs"].get("Trainer dense", {})
     if ours.get("tokens_per_sec") and hf.get("tokens_per_sec"):
         lines.append(f"\nours / Trainer tokens/s: {ours['tokens_per_sec'] / hf['tokens_per_sec']:.3f}x")
+    lines += comparison_lines(results.get("comparisons") or {}, results.get("cpu_smoke"))
     lines.append(f"total {results['total_s'] / 60:.1f} min")
     return "\n".join(lines)
+
+
+def comparison_lines(found: dict, cpu_smoke: bool) -> list[str]:
+    """The fused/logits, compile/eager and planner figures, each with its target."""
+    def num(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = []
+    if "fused vs logits" in found:
+        c = found["fused vs logits"]
+        paths = c["loss_paths"]
+        if paths["fused run"] != "fused":
+            lines.append("\nthe run with hyperparams.loss = \"fused\" took the logits path (choose_loss_head's probe "
+                         "rejected it; see its log): the fused/logits figures below compare logits with logits")
+        gap = "" if paths["fused run"] != "fused" else "\n"  # a blank line before the first of these lines
+        lines.append(f"{gap}fused / logits loss ({paths['fused run']} / {paths['logits run']} paths): peak memory "
+                     f"{num(c['peak_memory_ratio'], '.3f')}x ({c['peak_memory_source']}), tokens/s "
+                     f"{num(c['tokens_per_sec_ratio'], '.3f')}x; loss of the first {len(c['loss_rel_diff_per_step'])} "
+                     f"steps: relative difference at most {num(c['loss_rel_diff_max'], '.1e')} (reported, no target)")
+    if "compile vs eager" in found:
+        c = found["compile vs eager"]
+        verdict = {None: "n/a", True: "met", False: "MISSED"}[c["loss_within_target"]]
+        paths, steps = c["loss_paths"], len(c["loss_rel_diff_per_step"])
+        fell_back = "; the compiled run asked for fused, took logits" if c["fused_requested_but_not_taken"] else ""
+        lines.append(f"compile / eager ({paths['compiled']} / {paths['eager']} paths{fell_back}): loss of the first "
+                     f"{steps} steps: relative difference at most {num(c['loss_rel_diff_max'], '.1e')} (target "
+                     f"<= {c['loss_target']:.0e}: {verdict}); tokens/s after warm-up "
+                     f"{num(c['tokens_per_sec_ratio'], '.3f')}x; compile time (time to the first step, compiled - "
+                     f"eager) {num(c['compile_s'], '.1f')} s")
+    plan = found.get("plan") or {}
+    if plan.get("runs"):
+        if plan["compared"]:
+            errors = {name: run["plan_error_pct"] for name, run in plan["runs"].items()
+                      if run.get("plan_error_pct") is not None}
+            within = [name for name, error in errors.items() if abs(error) <= plan["target_pct"]]
+            lines.append(f"planner against torch.cuda.max_memory_allocated (target within "
+                         f"+-{plan['target_pct']:.0f}%): {len(within)} of {len(errors)} runs within; "
+                         + ", ".join(f"{name} {error:+.1f}%" for name, error in errors.items()))
+        else:
+            lines.append("planner: predicted peaks listed (device cpu); not compared, the CPU figure is the process's "
+                         "peak RSS" + (" (--cpu-smoke)" if cpu_smoke else ""))
+    return lines
 
 
 if __name__ == "__main__":
