@@ -126,9 +126,22 @@ def _fused_problem(model, accelerator) -> str | None:
     if head is None or type(head) is not torch.nn.Linear:
         name = type(head).__name__ if head is not None else "none"
         return f"the output layer is a {name}, not a plain nn.Linear (LoRA, modules_to_save or 4-bit)"
-    if not _probe_matches(model, head, accelerator):
-        return "the model changes its logits after the output layer (soft-capping or scaling)"
+    changed = [name for name in LOGIT_TRANSFORMS if getattr(_base_config(model, accelerator), name, None) not in (None, 1, 1.0)]
+    if changed or not _probe_matches(model, head, accelerator):
+        return (f"the model changes its logits after the output layer (soft-capping or scaling"
+                f"{': ' + ', '.join(changed) if changed else ''})")
     return None
+
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+"""Config attributes of transformers models that transform the logits after the output layer
+(Gemma 2/3, Cohere, Granite, ...). The probe forward catches them too, except where the logits of a
+freshly initialised model are too small for soft-capping to show in 16-bit precision."""
+
+
+def _base_config(model, accelerator):
+    base = accelerator.unwrap_model(model)
+    return getattr(base, "config", None)
 
 
 def _output_layer(model, accelerator):
@@ -144,7 +157,11 @@ def _zero_stage(accelerator) -> int | None:
 
 
 def _probe_matches(model, head: torch.nn.Linear, accelerator) -> bool:
-    """The model's logits equal the output layer applied to what it receives, on a short input."""
+    """The model's logits equal the output layer applied to what it receives, on a short input.
+
+    The output layer is applied again under the forward's own autocast (bf16/fp16 mixed precision
+    wraps the prepared model's forward), so the two matmuls are the same and agree to the bit.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -153,8 +170,9 @@ def _probe_matches(model, head: torch.nn.Linear, accelerator) -> bool:
             logits = model(input_ids=ids).logits.float()
             with _returning_hidden_states(head):
                 hidden = model(input_ids=ids).logits
-            recomputed = F.linear(hidden, head.weight.to(hidden.dtype),
-                                  head.bias.to(hidden.dtype) if head.bias is not None else None).float()
+            with accelerator.autocast():
+                recomputed = F.linear(hidden, head.weight.to(hidden.dtype),
+                                      head.bias.to(hidden.dtype) if head.bias is not None else None).float()
     finally:
         model.train(was_training)
     return logits.shape == recomputed.shape and torch.allclose(logits, recomputed, rtol=1e-4, atol=1e-4)

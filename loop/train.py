@@ -57,6 +57,8 @@ def build_accelerator(config: JobConfig):
 
     h = config.hyperparams
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and not torch.distributed.is_initialized():
+        _forget_accelerator_state()
     sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
     # Several processes without CUDA: gloo, and CPU mode so Accelerate shards data and wraps DDP
     # (without it every rank trains alone on everything, ENVIRONMENT.md). DeepSpeed and FSDP keep
@@ -83,6 +85,16 @@ def build_accelerator(config: JobConfig):
             if plugin.deepspeed_config.get(key, "auto") == "auto":
                 plugin.deepspeed_config[key] = value
     return accelerator
+
+
+def _forget_accelerator_state() -> None:
+    """Accelerate keeps one state per process and refuses a second Accelerator with another precision:
+    a second job in the same Python process (a notebook, a sweep) would fail. With one process and
+    no process group there is nothing to keep, so it starts afresh (a private Accelerate call, kept here)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def build_optimizer(model, config: JobConfig) -> torch.optim.Optimizer:
@@ -308,6 +320,8 @@ def train(config: JobConfig, *, status_writer=None, on_step=None) -> TrainingRes
                 accelerator.end_training()
     result = finish(accelerator, run, run_dir, result, started)
     run_dir.close()
+    if accelerator.num_processes == 1 and not torch.distributed.is_initialized():
+        _forget_accelerator_state()  # leave no precision behind for the next Accelerator of this process
     return result
 
 

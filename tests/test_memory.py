@@ -72,6 +72,16 @@ def test_auto_takes_the_fused_path_where_exact_and_says_why_not_elsewhere(tmp_pa
     assert "not exact for this job" in caplog.text and "not a plain nn.Linear" in caplog.text
 
 
+def test_bf16_mixed_precision_takes_the_fused_path(tmp_path, tiny_model_dir, capsys):
+    # The probe once compared bf16 logits with an fp32 matmul and never matched: under bf16, the
+    # recipe of most GPU jobs, "auto" and "fused" silently took the logits path.
+    bf16 = {"hyperparams.fp_precision": "bf16"}
+    logits = train_job(tmp_path / "logits", tiny_model_dir, capsys, **{"hyperparams.loss": "logits", **bf16})
+    fused = train_job(tmp_path / "fused", tiny_model_dir, capsys, **bf16)
+    assert fused[2]["loss"] == "fused"
+    assert_close(fused[0], logits[0], rel=2e-2)  # the logits path rounds its logits to bf16, the fused one not
+
+
 def test_the_fused_loss_over_several_chunks_equals_the_logits_path(tiny_model_dir):
     """2,500 tokens make three chunks of the fused loss (the runs above fit in one): the same row sums
     and the same gradients as the model's own logits, with padding and a prompt masked out."""
@@ -104,18 +114,18 @@ def test_the_fused_loss_over_several_chunks_equals_the_logits_path(tiny_model_di
 
 def test_a_model_that_soft_caps_its_logits_keeps_the_logits_path(tmp_path, tiny_model_dir):
     """The probe forward notices what happens after the output layer (Gemma 2's soft-capping)."""
-    from accelerate import Accelerator
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
     from helpers import job_config
     from loop.loss import choose_loss_head
+    from loop.train import build_accelerator
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                            head_dim=16, final_logit_softcapping=30.0))
     config = job_config(tiny_model_dir, tmp_path / "out", **{"hyperparams.loss": "fused"})
-    accelerator = Accelerator(cpu=True)
+    accelerator = build_accelerator(config)
     head, reason = choose_loss_head(gemma, config, accelerator)
     assert head is None and "soft-capping" in reason
     gemma.config.final_logit_softcapping = None
