@@ -909,7 +909,7 @@ def _cross_field_problems(config: JobConfig, where, check_environment: bool, fai
         problems.append(f"{where('output.merge_lora')}: only applies with [lora] enabled = true")
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
         problems.append(f"{where('lora.target_modules')}: expected \"all-linear\" or a list of module names, "
-                        f"got {lora.target_modules!r}")
+                        f"got {_show(lora.target_modules)}")
     problems += _streaming_problems(config, where)
     has_validation = bool(data.validation_path or data.validation_split_name) or config.monitoring.validation_split > 0 \
         or any(s.validation_path or s.validation_split_name for s in data.sources)
@@ -919,7 +919,7 @@ def _cross_field_problems(config: JobConfig, where, check_environment: bool, fai
     resume = config.output.resume
     if resume not in ("auto", "never") and check_environment and not _is_dir(resume):
         problems.append(f"{where('output.resume')}: expected \"auto\", \"never\" or a checkpoint folder; "
-                        f"{resume!r} is none of these")
+                        f"{_show(resume)} is none of these")
     for dotted in ("data.dataset_path", "data.validation_path"):
         value = getattr(data, dotted.split(".")[1])
         problem = _data_problem(value) if value and check_environment else None

@@ -747,7 +747,7 @@ def test_known_trackers_are_accepted(tmp_path):
 
 def test_target_modules_string_other_than_all_linear_is_refused(tmp_path):
     message, _, _ = load_error(tmp_path, {"lora": 'enabled = true\ntarget_modules = "q_proj"'})
-    assert "lora.target_modules: expected \"all-linear\" or a list of module names, got 'q_proj'" in message
+    assert "lora.target_modules: expected \"all-linear\" or a list of module names, got \"q_proj\"" in message
 
 
 def test_missing_dataset_file(tmp_path):

@@ -132,6 +132,9 @@ class Invocation:
     def __init__(self, job: Path, output: Path, log: Path):
         self.output, self.log = output, log
         self.expected = complete_checkpoints(output)[-1] if complete_checkpoints(output) else None
+        # A kill after the run had written its result leaves a finished run, which a start leaves as it is.
+        finished = read_json_if_present(output / "result.json") if (output / "result.json").exists() else None
+        self.finished_before = finished if finished and finished.get("success") else None
         self.started = time.time()
         with open(log, "wb") as handle:
             self.process = subprocess.Popen(launcher_command("run", job), cwd=REPO, env=subprocess_env(),
@@ -232,8 +235,11 @@ def check_completed(output: Path, last: Invocation, reference: dict[str, torch.T
     assert code == 0, last.output_text()[-4000:]
     result = read_json_if_present(output / "result.json")
     assert result["success"] and result["global_step"] == TOTAL_STEPS, result
-    expected = str(last.expected[1]) if last.expected else None
-    assert result["summary"]["resumed_from"] == expected, (result["summary"]["resumed_from"], expected)
+    if last.finished_before:  # the run had finished before this start: its result stands, untouched
+        assert result == last.finished_before
+    else:
+        expected = str(last.expected[1]) if last.expected else None
+        assert result["summary"]["resumed_from"] == expected, (result["summary"]["resumed_from"], expected)
     status = read_json_if_present(output / "status.json")
     assert status["status"] == "completed" and status["current_step"] == TOTAL_STEPS, status
     assert train_steps(output) == list(range(1, TOTAL_STEPS + 1)), "each step exactly once in metrics.jsonl"
