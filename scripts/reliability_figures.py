@@ -43,7 +43,8 @@ CATEGORIES = {  # test file -> category (signals are picked out of test_failures
 SUITES = ["tests/reliability", "tests/test_config_properties.py", "tests/test_data_properties.py"]
 SIGNALS = "signals"
 SIGNAL_NAME = re.compile(r"sigterm|sigusr1|sigint|ctrl_c|interrupted")
-LANDED = [("startup", "start-up (before training)"), ("training", "training"),
+LANDED = [("startup", "start-up (before training)"), ("resume", "start-up, restoring a checkpoint (a resume)"),
+          ("training", "training"),
           ("checkpoint_save", "inside a checkpoint save"), ("final_save", "inside the final save"),
           ("after_training", "after training, before exit"), ("after_exit", "after the process had exited")]
 
