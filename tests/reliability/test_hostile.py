@@ -270,8 +270,11 @@ def test_a_profile_next_to_the_job_file_is_found_with_two_processes(tmp_path, ti
 # --- signals ---------------------------------------------------------------------------------------
 
 def _start(job: Path) -> subprocess.Popen:
+    # SIGINT back to its default: a shell starts background jobs (`pytest ... &`) with it ignored, an
+    # ignored signal stays ignored across exec, and Python then never raises KeyboardInterrupt.
     return subprocess.Popen(launcher_command("run", job), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
@@ -292,8 +295,7 @@ def test_sigterm_while_loading_stops_with_exit_3_and_no_running_status(tmp_path,
 
 @pytest.mark.slow
 def test_ctrl_c_mid_run_prints_no_traceback(tmp_path, tiny_model_dir):
-    # Far more steps than can run before the signal lands, however loaded the machine (400 once finished first).
-    # (status.json says the step at each logged step: every step, as small_job logs.)
+    # Far more steps than can run before the signal lands (status.json says the step at every step).
     job = small_job(tmp_path, tiny_model_dir, **{"hyperparams.max_steps": 100_000, "hyperparams.save_steps": 0})
     process = _start(job)
     status_file = tmp_path / "out" / "status.json"
