@@ -114,7 +114,7 @@ def build_trainer(args, callbacks=()):
     if args.collator == "ours":
         from loop.data.batches import Collator
 
-        collator = CountingCollator(Collator(tokenizer.pad_token_id, flash_varlen=(args.attn or "").startswith("flash")))
+        collator = CountingCollator(Collator(tokenizer.pad_token_id, sequence_boundaries=(args.attn or "").startswith("flash")))
     else:
         collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                                            return_tensors="pt"))

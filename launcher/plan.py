@@ -222,8 +222,8 @@ class Setup:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     attention_mask: bool = False
-    """Whether batches carry an attention mask (padding, or packing under sdpa): SDPA then repeats the
-    key/value heads to the query heads before saving them."""
+    """Whether batches carry an attention mask (padding; packed rows go to SDPA once per example,
+    without one): SDPA then repeats the key/value heads to the query heads before saving them."""
     device: str = "cuda"
 
     # --- derived ------------------------------------------------------------------------------
@@ -764,7 +764,7 @@ def setup_from_job(config: JobConfig, shape: ModelShape, topology: Topology, *, 
         modules_to_save=tuple(lora.modules_to_save), load_in_4bit=m.load_in_4bit and lora.enabled,
         optimizer=h.optimizer, loss=loss, gradient_checkpointing=m.gradient_checkpointing,
         attn_implementation=m.attn_implementation,
-        attention_mask=config.data.packing or h.batch_size > 1, device=device)
+        attention_mask=h.batch_size > 1 and not config.data.packing, device=device)
 
 
 def load_shape(model_path: str, trust_remote_code: bool = False) -> tuple[ModelShape, list[Tensor] | None]:
@@ -987,7 +987,7 @@ PUBLISHED_MODELS = {
     "Llama-3.1-70B": ModelShape(8192, 80, 64, 8, 128, 28672, 128256, False, name="Llama-3.1-70B"),
 }
 REFERENCE_SETUP = Setup(micro_batch=1, seq_len=2048, precision="bf16", optimizer="adamw", loss="fused",
-                        gradient_checkpointing=True, attention_mask=True)
+                        gradient_checkpointing=True)  # packed rows: SDPA per example, no mask
 
 
 def reference_table(device_bytes: int = 80 * GiB) -> str:

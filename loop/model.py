@@ -16,9 +16,10 @@ What each mode trains and writes:
 Gradient checkpointing is always non-reentrant: it needs no inputs that require grad, so it works on
 a frozen base under LoRA, and its gradients equal those without it (tests/test_lora.py pins both).
 
-Attention `auto` is transformers' own choice (sdpa where the model supports it, else eager), and
-LoRA's "all-linear" is resolved here so that it leaves MoE routers out (`all_linear_targets`);
-docs/models.md lists the families tests/test_architectures.py proves.
+Attention `auto` is transformers' own choice (sdpa where the model supports it, else eager); with
+`data.packing`, sdpa runs once per packed example (`loop/attention.py`). LoRA's "all-linear" is
+resolved here so that it leaves MoE routers out (`all_linear_targets`); docs/models.md lists the
+families tests/test_architectures.py proves.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from launcher.config import PRECISIONS, ConfigError, JobConfig
+from loop.attention import use_packed_sdpa
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,12 @@ def build_model(config: JobConfig, tokenizer):
     attention = None if m.attn_implementation == "auto" else m.attn_implementation
     model = _from_pretrained(m.model_path, dtype=DTYPES.get(m.dtype, torch.float32), attn_implementation=attention,
                              trust_remote_code=m.trust_remote_code, **kwargs)
-    logger.info("attention: %s (model.attn_implementation = %r)", getattr(model.config, "_attn_implementation", "?"),
-                m.attn_implementation)
+    if config.data.packing and use_packed_sdpa(model):
+        logger.info("attention: sdpa once per packed example, skipping the masked work between them "
+                    "(model.attn_implementation = %r)", m.attn_implementation)
+    else:
+        logger.info("attention: %s (model.attn_implementation = %r)",
+                    getattr(model.config, "_attn_implementation", "?"), m.attn_implementation)
     model.config.use_cache = False  # the KV cache only costs memory in training
     _set_pad_token(model, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -572,7 +572,7 @@ def test_flash_attention_gets_the_packed_sequence_boundaries(tiny_model_dir, tin
     examples = [render_messages(tiny_tokenizer, r["messages"]) for r in chat_records(7)]
     rows = list(pack(datasets.Dataset.from_list([{"input_ids": i, "labels": l} for i, l in examples]), 200))
     assert len(rows) > 1
-    batch = Collator(tiny_tokenizer.pad_token_id, flash_varlen=True)(rows)
+    batch = Collator(tiny_tokenizer.pad_token_id, sequence_boundaries=True)(rows)
 
     (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
     assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == cu_q.tolist() == cu_k.tolist()
@@ -587,11 +587,13 @@ def test_flash_attention_gets_the_packed_sequence_boundaries(tiny_model_dir, tin
         assert not torch.isclose(_summed_loss(model, without), unpacked, rtol=1e-4)
 
 
-def test_the_loops_loader_gives_flash_attention_the_boundaries(make_job, tmp_path, tiny_tokenizer):
+def test_the_loops_loader_gives_packed_attention_the_boundaries(make_job, tmp_path, tiny_tokenizer):
+    """Flash attention and packed SDPA (what `auto` and `sdpa` become) read them; eager cannot."""
     from loop.data.batches import build_dataloader
 
     rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 0, 1]}]
-    for implementation, expected in (("sdpa", False), ("flash_attention_2", True), ("flash_attention_3", True)):
+    for implementation, expected in (("auto", True), ("sdpa", True), ("eager", False), ("flash_attention_2", True),
+                                     ("flash_attention_3", True)):
         config = make_job(tmp_path, **{"data.packing": True, "model.attn_implementation": implementation})
         batch = build_dataloader(rows, config, tiny_tokenizer, shuffle=False).collate_fn(rows)
         assert ("cu_seq_lens_q" in batch) is expected, implementation
@@ -617,7 +619,7 @@ def test_packed_loss_with_flash_attention_equals_unpacked_on_cuda(tiny_model_dir
     with torch.no_grad():
         unpacked = sum(loss(Collator(tiny_tokenizer.pad_token_id)([{"input_ids": i, "labels": l}]))
                        for i, l in examples)
-        packed = loss(Collator(tiny_tokenizer.pad_token_id, flash_varlen=True)(rows))
+        packed = loss(Collator(tiny_tokenizer.pad_token_id, sequence_boundaries=True)(rows))
     assert torch.isclose(packed, unpacked, rtol=2e-2), (packed, unpacked)  # bf16 kernels
 
 

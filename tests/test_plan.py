@@ -281,8 +281,11 @@ def test_the_setup_follows_the_job(tmp_path, tiny_model_dir):
                                               "data.packing": True, "hyperparams.optimizer": "adafactor"})
     setup = setup_from_job(config, TINY, read_topology(config))
     assert (setup.lora, setup.load_in_4bit, setup.lora_r, setup.lora_targets) == (True, True, 4, ("q_proj", "v_proj"))
-    assert (setup.gradient_checkpointing, setup.seq_len, setup.attention_mask, setup.optimizer) == (
-        True, 512, True, "adafactor")
+    assert (setup.gradient_checkpointing, setup.seq_len, setup.optimizer) == (True, 512, "adafactor")
+    # Packed rows run SDPA per example without a mask (loop/attention.py); padded batches carry one.
+    assert not setup.attention_mask
+    unpacked = job(tmp_path / "unpacked", tiny_model_dir, **{"hyperparams.batch_size": 2})
+    assert setup_from_job(unpacked, TINY, read_topology(unpacked)).attention_mask
 
 
 @pytest.mark.parametrize("text, expected", [("80GB", 80 * GiB), ("141 GiB", 141 * GiB), ("24000MB", 24000 * MiB),
@@ -345,6 +348,7 @@ CALIBRATION = [  # (label, dotted job settings, tokens of the row)
     ("full, adafactor, fused loss", {"hyperparams.optimizer": "adafactor", "hyperparams.loss": "fused"}, 512),
     ("full, logits loss, 1,024 tokens", {"hyperparams.loss": "logits"}, 1024),
     ("full, fused loss, 1,024 tokens", {"hyperparams.loss": "fused"}, 1024),
+    ("full, fused loss, 1,024 tokens packed", {"hyperparams.loss": "fused", "data.packing": True}, 1024),
 ]
 TOLERANCE = 0.15
 
@@ -440,10 +444,16 @@ def _measure_one(model_dir: str, warmup_dir: str, spec: dict, libc) -> dict:
     from loop.train import build_optimizer
 
     def step(model, optimizer, head, rows: int, tokens: int, seed: int) -> None:
+        from loop.data.batches import Collator
         from loop.loss import summed_token_loss
 
         ids = torch.randint(0, 512, (rows, tokens), generator=torch.Generator().manual_seed(seed))
-        losses, counts = summed_token_loss(model, {"input_ids": ids, "labels": ids}, head)
+        batch = {"input_ids": ids, "labels": ids}
+        if spec["settings"].get("data.packing"):  # examples of 128 tokens, as the loop's collator packs them
+            batch = Collator(0, sequence_boundaries=True)([
+                {"input_ids": row, "labels": row, "position_ids": [i % 128 for i in range(tokens)]}
+                for row in ids.tolist()])
+        losses, counts = summed_token_loss(model, batch, head)
         (losses.sum() / counts.sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

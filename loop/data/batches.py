@@ -31,10 +31,11 @@ class Collator:
     masks off like any other packed sequence, and its labels are ignored. So that throughput counts
     only real tokens, packed batches carry `num_real_tokens` (per row), which is not a model input.
 
-    `flash_varlen` (for flash-attention models): packed batches also carry the sequence boundaries
-    of the flattened batch (`cu_seq_lens_q/k`, `max_length_q/k`), which transformers passes to the
-    varlen kernel. Without them flash attention reads packing from `position_ids` only when the batch
-    has a single row; with more rows the examples of a row would attend to each other.
+    `sequence_boundaries`: packed batches also carry the sequence boundaries of the flattened batch
+    (`cu_seq_lens_q/k`, `max_length_q/k`), which transformers passes to the attention call: flash
+    attention's varlen kernel, or SDPA once per example (`loop/attention.py`). Without them flash
+    attention reads packing from `position_ids` only when the batch has a single row; with more rows
+    the examples of a row would attend to each other.
 
     Packed rows need the model called with `use_cache=False` (or `model.config.use_cache = False`):
     transformers only reads packed sequences from `position_ids` when no KV cache is passed, and
@@ -42,10 +43,10 @@ class Collator:
     of a row silently attend to each other.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 0, flash_varlen: bool = False):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 0, sequence_boundaries: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.flash_varlen = flash_varlen
+        self.sequence_boundaries = sequence_boundaries
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)
@@ -59,7 +60,7 @@ class Collator:
         if packed:
             batch["position_ids"] = _padded([e["position_ids"] for e in examples], width, None)
             batch[NUM_REAL_TOKENS] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
-            if self.flash_varlen:
+            if self.sequence_boundaries:
                 batch.update(_sequence_boundaries(batch["position_ids"]))
         else:
             batch["attention_mask"] = _padded([[1] * len(e["input_ids"]) for e in examples], width, 0)
@@ -171,8 +172,12 @@ def build_dataloader(dataset, config, tokenizer, shuffle: bool = True, batch_siz
                            lengths=lengths, batch_size=batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=Collator(tokenizer.pad_token_id, data.pad_to_multiple_of,
-                                          flash_varlen=uses_flash_attention(config)), num_workers=0)
+                                          sequence_boundaries=sends_sequence_boundaries(config)),
+                      num_workers=0)
 
 
-def uses_flash_attention(config) -> bool:
-    return config.model.attn_implementation.startswith("flash_attention")
+def sends_sequence_boundaries(config) -> bool:
+    """Packed batches carry their examples' boundaries for flash attention's varlen kernel and for
+    packed SDPA (which `auto` and `sdpa` become when packing; other attention ignores them)."""
+    return config.data.packing and config.model.attn_implementation in ("auto", "sdpa") \
+        or config.model.attn_implementation.startswith("flash_attention")

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 
 import loop.data.prepare as prepare
 from launcher.config import JobConfig
-from loop.data.batches import Collator, uses_flash_attention
+from loop.data.batches import Collator, sends_sequence_boundaries
 from loop.data.cache import fingerprint, tokenizer_digest
 from loop.data.prepare import Records, Settings
 from loop.data.render import DataError
@@ -435,7 +435,7 @@ def build_stream(config: JobConfig, tokenizer) -> StreamedData:
 def build_stream_loader(data: StreamedData, config: JobConfig, tokenizer, *, rank: int, world_size: int,
                         device) -> StreamLoader:
     collator = Collator(tokenizer.pad_token_id, config.data.pad_to_multiple_of,
-                        flash_varlen=uses_flash_attention(config))
+                        sequence_boundaries=sends_sequence_boundaries(config))
     return StreamLoader(data.rows, collator, batch_size=config.hyperparams.batch_size, rank=rank,
                         world_size=world_size, device=device)
 
