@@ -60,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--optim", default=None, help="TrainingArguments.optim (default: Trainer's own default)")
     parser.add_argument("--attn", default=None, help="attn_implementation (default: transformers chooses, as our "
-                                                     "model.attn_implementation = \"auto\" does)")
+                                                     "model.attn_implementation = \"auto\" does), or sdpa_packed: "
+                                                     "our loop's SDPA once per packed example")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-save", action="store_true", help="skip saving the final model")
     return parser.parse_args(argv)
@@ -107,6 +108,8 @@ def build_trainer(args, callbacks=()):
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments)
 
+    from loop.attention import PACKED_SDPA, use_packed_sdpa
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -114,12 +117,17 @@ def build_trainer(args, callbacks=()):
     if args.collator == "ours":
         from loop.data.batches import Collator
 
-        collator = CountingCollator(Collator(tokenizer.pad_token_id, sequence_boundaries=(args.attn or "").startswith("flash")))
+        boundaries = (args.attn or "").startswith("flash") or args.attn == PACKED_SDPA
+        collator = CountingCollator(Collator(tokenizer.pad_token_id, sequence_boundaries=boundaries))
     else:
         collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                                            return_tensors="pt"))
     # Master weights in fp32; --bf16 turns on autocast, as our loop does.
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
+    packed_sdpa = args.attn == PACKED_SDPA  # our loop's attention on packed rows (loop/attention.py)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                 attn_implementation="sdpa" if packed_sdpa else args.attn)
+    if packed_sdpa and not use_packed_sdpa(model):
+        raise SystemExit(f"{args.model}: cannot run {PACKED_SDPA}")
     model.config.use_cache = False
     training_args = TrainingArguments(
         output_dir=args.output, per_device_train_batch_size=args.batch_size,

@@ -12,7 +12,8 @@ How it is measured, and why this way:
   10 steps, and none of the start-up (data, model, Accelerate) or the final save.
 - The baseline is the loop every tutorial writes: `model(**batch).loss / accumulation`, `backward`,
   `clip_grad_norm_(1.0)`, `AdamW.step`, `zero_grad`, with the same initial weights (loaded from the
-  same folder), the same AdamW settings and implementation (fused or foreach, whichever
+  same folder) and the same attention (SDPA once per packed example), the same AdamW settings and
+  implementation (fused or foreach, whichever
   `loop.train.build_optimizer` picks for this job: the kernel is not the loop's overhead) and the
   very same batches (the first micro-batches of our own data loader: same sampler, seed and
   collator, collected before timing).
@@ -53,6 +54,10 @@ class BareLoop:
         h = config.hyperparams
         self.max_grad_norm = h.max_grad_norm
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        if config.data.packing:  # the attention our loop's model runs (loop/attention.py): not the loop's overhead
+            from loop.attention import use_packed_sdpa
+
+            use_packed_sdpa(self.model)
         self.model.config.use_cache = False
         self.model.train()
         from loop.train import build_optimizer

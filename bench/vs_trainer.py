@@ -8,7 +8,8 @@ The two sides:
   fp32, no evaluation, no step checkpoints, logging every 10 steps, `final/` written at the end);
 - Trainer: `bench/hf_trainer.py` (see its docstring): the same model folder, the very same
   tokenized rows (our data cache, loaded with `datasets.load_from_disk`), the same collator,
-  batch, accumulation, learning rate, schedule, clipping, seed, logging interval and fp32;
+  batch, accumulation, learning rate, schedule, clipping, seed, logging interval and fp32, and the
+  same attention (SDPA once per packed example, `loop/attention.py`: the model's work, not the loop's);
   Trainer's own AdamW default; no evaluation, no checkpoints; the model saved at the end.
 Both read pre-tokenized data (the cache is filled first), so this is about the loop and start-up,
 not tokenization (benchmark 5 measures that).
@@ -55,7 +56,8 @@ def trainer_arguments(config, train_dir: Path, output: Path, timings: Path, *, c
             "--learning-rate", repr(h.learning_rate), "--scheduler", h.lr_scheduler,
             "--max-steps", str(max_steps if max_steps is not None else h.max_steps),
             "--epochs", repr(float(h.num_epochs)), "--seed", str(h.seed),
-            "--logging-steps", str(logging_steps or config.environment.logging_steps), "--collator", collator]
+            "--logging-steps", str(logging_steps or config.environment.logging_steps), "--collator", collator,
+            *(["--attn", "sdpa_packed"] if config.data.packing else [])]  # the model computes what ours does
 
 
 class TrainerStepper:

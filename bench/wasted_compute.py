@@ -21,12 +21,12 @@ trained. Four ways to train one epoch of it, each with the same model, learning 
 Figures:
 - real tokens: the share of the tokens the model computes (batch x padded width, summed over the
   epoch) that belong to examples, not padding. The details add the same share for attention
-  (query-key pairs within one example against rows x width^2): on CPU, SDPA computes a packed
-  row's whole width x width score matrix and masks the pairs across examples, so a packed row of
-  short examples pays attention for pairs it throws away (flash-attention's varlen kernel, on
-  GPU, does not). Ours from a pass over our own data loader with the
-  run's sampler and seed (no model needed; the order is the run's); Trainer from the batches its
-  collator made during the run.
+  (query-key pairs within one example against rows x width^2): what SDPA computes on a padded
+  batch, or on a packed row under one block-causal mask. Our packed rows run SDPA once per example
+  (`loop/attention.py`, as flash-attention's varlen kernel does on GPU), so they compute only the
+  pairs within; for them the share is what a masked packed row would have thrown away. Ours from a
+  pass over our own data loader with the run's sampler and seed (no model needed; the order is the
+  run's); Trainer from the batches its collator made during the run.
 - trained tokens/s: tokens that carry loss, divided by the time of steps 2..last of the epoch
   (step 1 holds the warm-up; start-up is never counted). Our step times come from the loop's
   `on_step` hook, as in benchmark 1 (logging every 5 steps), the Trainer's from a callback at

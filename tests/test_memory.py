@@ -170,10 +170,12 @@ def test_each_optimizer_resumes_exactly(tmp_path, tiny_model_dir, capsys, optimi
 # --- compile --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_compiled_layers_train_like_eager_ones(tmp_path, tiny_model_dir, capsys, caplog):
-    eager = train_job(tmp_path / "eager", tiny_model_dir, capsys, **{"hyperparams.max_steps": 3})
+@pytest.mark.parametrize("variant", [pytest.param({}, id="plain"),
+                                     pytest.param({"data.packing": True}, id="packed")])  # SDPA per example
+def test_compiled_layers_train_like_eager_ones(tmp_path, tiny_model_dir, capsys, caplog, variant):
+    eager = train_job(tmp_path / "eager", tiny_model_dir, capsys, **{"hyperparams.max_steps": 3, **variant})
     compiled = train_job(tmp_path / "compiled", tiny_model_dir, capsys,
-                         **{"hyperparams.max_steps": 3, "model.compile": True})
+                         **{"hyperparams.max_steps": 3, "model.compile": True, **variant})
     assert "layers compiled on first use" in caplog.text
     assert_close(compiled[0], eager[0], rel=1e-4)
     assert_same_weights(compiled[1], eager[1], rel=1e-3)
