@@ -434,12 +434,9 @@ def keep_usable(tokenized, records: Records, on_bad_record: str, columns: tuple[
     # What is said of a record is on each of its rows: count it once, on the record's first kept row.
     seen: set[int] = set()
     first_kept = [row for row in kept if not (lines[row] in seen or seen.add(lines[row]))]
-    special = table.column("special_text").to_pylist()
-    with_special = [row for row in first_kept if special[row]]
-    records.num_special_text += len(with_special)
-    if with_special and not records.special_text_example:
-        row = with_special[0]
-        records.special_text_example = f"{records.where(lines[row])}: {special[row]}"
+    count, example = _flagged(table.column("special_text").to_pylist(), first_kept, lines, records)
+    records.num_special_text += count
+    records.special_text_example = records.special_text_example or example
     _count_template_effects(tokenized, kept, first_kept, lines, records)
     truncated = table.column("truncated").to_pylist()
     num_truncated = sum(truncated[row] for row in kept)
@@ -459,12 +456,15 @@ def _count_template_effects(tokenized, kept: list[int], first_kept: list[int], l
         records.num_split_examples += sum(split[row] for row in kept)
         records.num_split_tokens += int(sum(lengths[row] for row in kept if split[row]))
         records.num_unsplit_tokens += sum(unsplit[row] for row in first_kept if split[row])
-    dropped = table.column("dropped").to_pylist()
-    with_dropped = [row for row in first_kept if dropped[row]]
-    records.num_dropped_content += len(with_dropped)
-    if with_dropped and not records.dropped_content_example:
-        row = with_dropped[0]
-        records.dropped_content_example = f"{records.where(lines[row])}: {dropped[row]}"
+    count, example = _flagged(table.column("dropped").to_pylist(), first_kept, lines, records)
+    records.num_dropped_content += count
+    records.dropped_content_example = records.dropped_content_example or example
+
+
+def _flagged(values: list, first_kept: list[int], lines: list[int], records: Records) -> tuple[int, str]:
+    """(how many records have a value on their first kept row, "where: value" of the first of them)."""
+    flagged = [row for row in first_kept if values[row]]
+    return len(flagged), f"{records.where(lines[flagged[0]])}: {values[flagged[0]]}" if flagged else ""
 
 
 # --- 3. validation split -----------------------------------------------------------------------
