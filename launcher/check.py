@@ -214,7 +214,8 @@ class _Session:
         self.tolerance, self.log = tolerance, log
         self.notes: list[str] = []
         self.train_data: Path | None = None
-        self.num_rows = 0
+        self.num_rows: int | None = 0
+        """Rows the proof runs' data holds; None for a stream, which is never counted."""
         h = config.hyperparams
         self.batch_size, self.grad_accumulation = h.batch_size, h.gradient_accumulation
         self.num_processes = config.launch.num_processes
@@ -286,6 +287,13 @@ class _Session:
         from loop.data import build_datasets, load_tokenizer
 
         needed = NUM_STEPS * self.batch_size * self.grad_accumulation * max(self.num_processes, 1)
+        if not self.is_plain and self.config.data.streaming:
+            # The proof runs stream it as the job does; counting its rows would tokenize (and cache) all of it.
+            self.num_rows = None
+            self.notes.append(f"training proofs: {NUM_STEPS} optimizer steps per run on the job's stream "
+                              f"(data.streaming), peak learning rate from the first step, AdamW epsilon "
+                              f">= {ROUNDING_SAFE_EPSILON:g}")
+            return
         if not self.is_plain:
             config = self.training("prepare")
             self.num_rows = len(build_datasets(config, load_tokenizer(config)).train)
@@ -404,7 +412,7 @@ class _Session:
         if n <= 1:
             return Proof("processes", SKIP, "the job runs on 1 process ([launch] num_processes = 1)")
         per_step = self.batch_size * self.grad_accumulation * n
-        steps = min(NUM_STEPS, self.num_rows // per_step)
+        steps = NUM_STEPS if self.num_rows is None else min(NUM_STEPS, self.num_rows // per_step)
         if steps < 1:
             return Proof("processes", SKIP, f"the data holds {self.num_rows} rows, less than one global batch "
                                             f"({per_step}); nothing to compare")

@@ -89,6 +89,26 @@ def test_check_passes_on_a_packed_job_with_accumulation_on_two_processes(tmp_pat
     assert not (tmp_path / "job" / "out").exists()
 
 
+def test_check_streams_a_streaming_job_and_never_caches_its_data(tmp_path, tiny_model_dir):
+    """A stream is read while training: the proofs stream it too, and nothing tokenizes it into a cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist(chat_records(40)), tmp_path / "parquet" / "0.parquet")
+    job = small_job(tmp_path / "job", tiny_model_dir, **{
+        "data.dataset_path": str(tmp_path / "parquet"), "data.streaming": True, "data.packing": True,
+        "data.cache_dir": str(tmp_path / "cache")})
+    report = check_job(job, scratch_dir=tmp_path / "scratch")
+    assert {**statuses(report), "masks": SKIP} == {**ALL_PASS, "masks": SKIP}, format_report(report)
+    assert any("the job's stream (data.streaming)" in note for note in report.notes)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "job" / "out").exists()
+    # The proof runs streamed: their checkpoints hold the stream's place.
+    progress = json.loads((tmp_path / "scratch" / "straight" / "checkpoints" / "step_000002" / "progress.json")
+                          .read_text())
+    assert progress["stream"]
+
+
 # --- planted bugs fail exactly their proof ---------------------------------------------------------
 
 def test_a_template_that_trains_the_reply_header_fails_the_masks_proof_only(tmp_path, demo):
