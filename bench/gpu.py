@@ -15,7 +15,9 @@ What it does, in a temporary folder, with nothing from a model hub:
 2. Synthetic chat data of skewed lengths, tokenized once into the data cache both sides read.
 3. Dense, our loop: `python -m launcher run` (bf16 autocast on fp32 master weights, packing into
    rows of 2048 tokens, 4 rows per micro-batch, 2 micro-batches per step (`--batch-size`,
-   `--accumulation`), flash-attention 2 when `flash_attn` imports, else SDPA). Tokens/s are the
+   `--accumulation`), flash-attention 2 when `flash_attn` imports, else `auto`: SDPA once per
+   packed example, `loop/attention.py`; then also "ours masked SDPA", the same job under
+   transformers' own SDPA, one masked call per row, for the ratio of the two). Tokens/s are the
    input tokens the model computed (packed rows, batch padding included) per second over steps
    11..N, from `metrics.jsonl`; peak memory from result.json (`torch.cuda.max_memory_allocated`).
 4. Dense, Trainer: `bench/hf_trainer.py --device cuda --bf16` on the same rows with the same
@@ -44,7 +46,7 @@ What it does, in a temporary folder, with nothing from a model hub:
    figures are not those of the dense recipe).
 
 Flash attention is used only when flash-attn imports (a build for another torch falls back to
-SDPA). Packed batches then carry the flattened batch's sequence boundaries (`cu_seq_lens_q/k`);
+SDPA; Trainer then gets our per-example SDPA too, `--attn sdpa_packed`). Packed batches then carry the flattened batch's sequence boundaries (`cu_seq_lens_q/k`);
 `tests/test_data.py::test_packed_loss_with_flash_attention_equals_unpacked_on_cuda`, run first by
 `scripts/gpu_check.sh` with the other GPU-marked tests, checks that examples stay apart.
 
@@ -56,7 +58,7 @@ at the end (the runs, then the fused/logits, compile/eager and planner figures w
 and writes its raw numbers, `comparisons` included, to `$OUT/gpu_check.json` when `$OUT` is set,
 else to `bench/results/gpu-<date>.json` (`gpu-cpu-smoke-<date>.json` with --cpu-smoke).
 Exit code 0 when every run succeeded (targets missed are reported, not failures), 1 otherwise.
-`--skip loss`, `--skip compile` (and trainer, qlora, zero2) leave parts out.
+`--skip loss`, `--skip compile` (and trainer, masked, qlora, zero2) leave parts out.
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model on CPU, a few steps: checks the code paths")
-    parser.add_argument("--skip", action="append", default=[], choices=("trainer", "loss", "compile", "qlora", "zero2"),
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=("trainer", "masked", "loss", "compile", "qlora", "zero2"),
                         help="leave out a part (repeatable)")
     parser.add_argument("--batch-size", type=int, help="rows of 2048 tokens per micro-batch (default 4; lower it "
                                                        "on GPUs under 40 GB)")
@@ -252,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         (float(os.environ["PEAK_TFLOPS"]), "PEAK_TFLOPS") if os.environ.get("PEAK_TFLOPS") else (None, "CPU: n/a"))
     flash = on_gpu and flash_attention_works()
     if on_gpu and not flash:
-        log("no usable flash_attn: SDPA, with packed rows kept apart by a block-diagonal mask (slower)")
-    attention = "flash_attention_2" if flash else "sdpa"
+        log("no usable flash_attn: SDPA once per packed example (auto), and once per row under a mask (sdpa)")
+    attention = "flash_attention_2" if flash else "auto"
     log(f"{device_name}; attention {attention}; peak {peak} TFLOP/s ({peak_source})")
 
     folder = workspace() / "gpu"
@@ -341,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     ours("ours dense", job)
+    if attention == "auto" and "masked" not in args.skip:  # the same job under transformers' own masked SDPA
+        ours("ours masked SDPA", bench_job(folder / "masked", model_dir, data,
+                                           **{**dense, "model.attn_implementation": "sdpa"}))
 
     if "trainer" not in args.skip and not out_of_time("Trainer dense"):
         log("Trainer dense: bench/hf_trainer.py")
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--timings", str(timings), "--batch-size", str(settings.batch_size),
                    "--accumulation", str(settings.accumulation), "--learning-rate", "1e-5",
                    "--max-steps", str(settings.max_steps), "--logging-steps", str(settings.logging_steps),
-                   "--collator", "ours", "--attn", attention, "--bf16", "--no-save",
+                   "--collator", "ours", "--attn", "sdpa_packed" if attention == "auto" else attention,
+                   "--bf16", "--no-save",
                    "--device", "cuda" if on_gpu else "cpu"]
         _, seconds, code = run_command(command, folder / "trainer.log", timeout=time_left(settings.timeout_s),
                                        check=False)
@@ -505,6 +512,11 @@ def table(results: dict) -> str:
     ours, hf = results["runs"].get("ours dense", {}), results["runs"].get("Trainer dense", {})
     if ours.get("tokens_per_sec") and hf.get("tokens_per_sec"):
         lines.append(f"\nours / Trainer tokens/s: {ours['tokens_per_sec'] / hf['tokens_per_sec']:.3f}x")
+    masked = results["runs"].get("ours masked SDPA", {})
+    if ours.get("tokens_per_sec") and masked.get("tokens_per_sec"):
+        lines.append(f"SDPA once per packed example / once per row under a mask: tokens/s "
+                     f"{ours['tokens_per_sec'] / masked['tokens_per_sec']:.3f}x, peak memory "
+                     f"{ratio(ours.get('peak_memory_bytes'), masked.get('peak_memory_bytes')) or float('nan'):.3f}x")
     lines += comparison_lines(results.get("comparisons") or {}, results.get("cpu_smoke"))
     lines.append(f"total {results['total_s'] / 60:.1f} min")
     return "\n".join(lines)

@@ -79,7 +79,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype the weights are loaded in; `auto` is float32 for training under autocast."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
-    """Attention kernel; `auto` is sdpa where the model supports it, else eager; flash needs CUDA and flash-attn."""
+    """Attention kernel; `auto`: sdpa where supported (once per packed example), else eager; flash needs CUDA and flash-attn."""
     load_in_4bit: bool = False
     """Load the base model in 4-bit NF4 through bitsandbytes (QLoRA; needs `[lora] enabled = true`)."""
     gradient_checkpointing: bool = False

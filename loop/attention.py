@@ -1,6 +1,6 @@
 """Packed rows under SDPA: each example attends only within itself, and only that is computed.
 
-    use_packed_sdpa(model)      # build_model, when data.packing and the model runs sdpa
+    use_packed_sdpa(model)      # build_model: data.packing, attn_implementation "auto", a model on sdpa
 
 A packed row holds several examples whose `position_ids` restart at 0. Transformers then builds a
 block-causal mask over the whole row, and SDPA computes every query against every key of the row

@@ -17,7 +17,7 @@ Gradient checkpointing is always non-reentrant: it needs no inputs that require 
 a frozen base under LoRA, and its gradients equal those without it (tests/test_lora.py pins both).
 
 Attention `auto` is transformers' own choice (sdpa where the model supports it, else eager); with
-`data.packing`, sdpa runs once per packed example (`loop/attention.py`). LoRA's "all-linear" is
+`data.packing`, its sdpa runs once per packed example (`loop/attention.py`); `sdpa` named is transformers' own. LoRA's "all-linear" is
 resolved here so that it leaves MoE routers out (`all_linear_targets`); docs/models.md lists the
 families tests/test_architectures.py proves.
 """
@@ -69,7 +69,7 @@ def build_model(config: JobConfig, tokenizer):
     attention = None if m.attn_implementation == "auto" else m.attn_implementation
     model = _from_pretrained(m.model_path, dtype=DTYPES.get(m.dtype, torch.float32), attn_implementation=attention,
                              trust_remote_code=m.trust_remote_code, **kwargs)
-    if config.data.packing and use_packed_sdpa(model):
+    if config.data.packing and m.attn_implementation == "auto" and use_packed_sdpa(model):
         logger.info("attention: sdpa once per packed example, skipping the masked work between them "
                     "(model.attn_implementation = %r)", m.attn_implementation)
     else:

@@ -1,7 +1,7 @@
 """Packed SDPA (`loop/attention.py`): on packed rows every family that runs SDPA computes the same loss
 and gradients as transformers' masked SDPA while attending only within each example; a sliding window
 shorter than an example keeps the mask; generation and saved models are untouched; a packed run
-trains like one under eager attention.
+under `auto` trains like one under transformers' sdpa and under eager attention.
 
     pytest tests/test_attention.py -q
 """
@@ -156,13 +156,13 @@ def test_generation_and_the_saved_model_are_plain_sdpa(model_dir, tmp_path, tiny
 
 @pytest.mark.parametrize("extra", [pytest.param({}, id="plain"),
                                    pytest.param({"model.gradient_checkpointing": True}, id="checkpointing")])
-def test_a_packed_run_trains_like_one_under_eager_attention(tmp_path, tiny_model_dir, capsys, caplog, extra):
-    """Eager attention builds its own block-causal mask: an independent reference for the whole loop,
-    two rows a micro-batch, the collator's boundaries included."""
+def test_a_packed_run_trains_like_one_under_masked_attention(tmp_path, tiny_model_dir, capsys, caplog, extra):
+    """`auto` runs SDPA per example; `sdpa` named is transformers' own under a block-causal mask, and
+    eager builds its own mask: independent references for the whole loop, two rows a micro-batch."""
     import logging
 
     losses = {}
-    for attention in ("auto", "eager"):
+    for attention in ("auto", "sdpa", "eager"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="loop.model"):
             job = small_job(tmp_path / attention, tiny_model_dir, chat_records(24), **{
@@ -173,5 +173,6 @@ def test_a_packed_run_trains_like_one_under_eager_attention(tmp_path, tiny_model
         assert ("once per packed example" in caplog.text) is (attention == "auto")
         losses[attention] = [r["loss"] for r in read_metrics(tmp_path / attention / "out")]
     assert len(losses["auto"]) == 3
-    for ours, eager in zip(losses["auto"], losses["eager"]):
-        assert abs(ours - eager) <= 1e-5 * abs(eager), losses
+    for masked in ("sdpa", "eager"):
+        for ours, theirs in zip(losses["auto"], losses[masked]):
+            assert abs(ours - theirs) <= 1e-5 * abs(theirs), losses

@@ -282,10 +282,13 @@ def test_the_setup_follows_the_job(tmp_path, tiny_model_dir):
     setup = setup_from_job(config, TINY, read_topology(config))
     assert (setup.lora, setup.load_in_4bit, setup.lora_r, setup.lora_targets) == (True, True, 4, ("q_proj", "v_proj"))
     assert (setup.gradient_checkpointing, setup.seq_len, setup.optimizer) == (True, 512, "adafactor")
-    # Packed rows run SDPA per example without a mask (loop/attention.py); padded batches carry one.
+    # Packed rows run SDPA per example without a mask (loop/attention.py); padded batches carry one,
+    # and so do packed rows under transformers' own sdpa.
     assert not setup.attention_mask
-    unpacked = job(tmp_path / "unpacked", tiny_model_dir, **{"hyperparams.batch_size": 2})
-    assert setup_from_job(unpacked, TINY, read_topology(unpacked)).attention_mask
+    for name, settings in (("unpacked", {"hyperparams.batch_size": 2}),
+                           ("sdpa", {"data.packing": True, "model.attn_implementation": "sdpa"})):
+        masked = job(tmp_path / name, tiny_model_dir, **settings)
+        assert setup_from_job(masked, TINY, read_topology(masked)).attention_mask, name
 
 
 @pytest.mark.parametrize("text, expected", [("80GB", 80 * GiB), ("141 GiB", 141 * GiB), ("24000MB", 24000 * MiB),

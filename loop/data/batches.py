@@ -178,6 +178,6 @@ def build_dataloader(dataset, config, tokenizer, shuffle: bool = True, batch_siz
 
 def sends_sequence_boundaries(config) -> bool:
     """Packed batches carry their examples' boundaries for flash attention's varlen kernel and for
-    packed SDPA (which `auto` and `sdpa` become when packing; other attention ignores them)."""
-    return config.data.packing and config.model.attn_implementation in ("auto", "sdpa") \
+    packed SDPA (what `auto` becomes when packing; other attention ignores them)."""
+    return config.data.packing and config.model.attn_implementation == "auto" \
         or config.model.attn_implementation.startswith("flash_attention")
