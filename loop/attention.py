@@ -20,11 +20,7 @@ every family in `launcher.demo.ARCHITECTURES` that runs SDPA.
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 PACKED_SDPA = "sdpa_packed"
 # Layer types whose masks are block-causal once packed (a sliding window is checked per call).
