@@ -35,6 +35,7 @@ import torch
 
 from launcher.config import PRECISIONS, ConfigError, JobConfig
 from loop.attention import use_packed_sdpa
+from loop.data.batches import runs_sdpa_per_example
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def build_model(config: JobConfig, tokenizer):
     attention = None if m.attn_implementation == "auto" else m.attn_implementation
     model = _from_pretrained(m.model_path, dtype=DTYPES.get(m.dtype, torch.float32), attn_implementation=attention,
                              trust_remote_code=m.trust_remote_code, **kwargs)
-    if config.data.packing and m.attn_implementation == "auto" and use_packed_sdpa(model):
+    if runs_sdpa_per_example(config) and use_packed_sdpa(model):
         logger.info("attention: sdpa once per packed example, skipping the masked work between them "
                     "(model.attn_implementation = %r)", m.attn_implementation)
     else:

@@ -281,9 +281,10 @@ class PicklePayload:
         return (Path.touch, (Path(self.path),))
 
 
-def model_with_remote_code(model_dir: str | Path, folder: str | Path, ran: str | Path) -> Path:
+def model_with_remote_code(model_dir: str | Path, folder: str | Path, ran: str | Path, body: str = "") -> Path:
     """A copy of `model_dir` in `folder` whose config.json names Python code of the folder (`auto_map`),
-    a subclass of the model that creates the file `ran` when imported: proof that the folder's code ran."""
+    a subclass of the model that creates the file `ran` when imported: proof that the folder's code ran.
+    `body`: more of the subclass (indented), e.g. a `forward` of its own."""
     import shutil
 
     folder = Path(shutil.copytree(model_dir, folder))
@@ -295,7 +296,7 @@ def model_with_remote_code(model_dir: str | Path, folder: str | Path, ran: str |
         f"from pathlib import Path\nPath({str(ran)!r}).touch()\n"
         f"from transformers import {base_config}, {base_model}\n\n"
         f"class CustomConfig({base_config}):\n    pass\n\n"
-        f"class CustomModel({base_model}):\n    config_class = CustomConfig\n")
+        f"class CustomModel({base_model}):\n    config_class = CustomConfig\n{body}")
     return folder
 
 

@@ -176,3 +176,39 @@ def test_a_packed_run_trains_like_one_under_masked_attention(tmp_path, tiny_mode
     for masked in ("sdpa", "eager"):
         for ours, theirs in zip(losses["auto"], losses[masked]):
             assert abs(ours - theirs) <= 1e-5 * abs(theirs), losses
+
+
+STRICT_FORWARD = """
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               labels=labels)
+"""
+
+
+def test_a_model_folders_own_forward_gets_no_boundaries(tmp_path, tiny_model_dir, capsys, caplog, monkeypatch):
+    """A trusted model folder's code may take only the arguments it names: a packed `auto` run keeps
+    transformers' masked attention for it, and never passes the boundaries its forward would refuse."""
+    import logging
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic_modules
+
+    from helpers import model_with_remote_code
+
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "transformers_modules", raising=False)
+    model_dir = model_with_remote_code(tiny_model_dir, tmp_path / "model", tmp_path / "ran", body=STRICT_FORWARD)
+    try:
+        with caplog.at_level(logging.INFO, logger="loop.model"):
+            job = small_job(tmp_path / "job", model_dir, chat_records(24), **{
+                "data.packing": True, "data.max_length": 96, "model.trust_remote_code": True,
+                "hyperparams.max_steps": 2})
+            code, out, err = run_cli(["run", job], capsys)
+    finally:
+        for name in [name for name in sys.modules if name.startswith("transformers_modules.")]:
+            del sys.modules[name]
+    assert (tmp_path / "ran").exists()  # the folder's own class trained
+    assert code == 0, (out + err)[-3000:]
+    assert "once per packed example" not in caplog.text
+    assert len(read_metrics(tmp_path / "job" / "out")) == 2
