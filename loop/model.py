@@ -17,9 +17,9 @@ Gradient checkpointing is always non-reentrant: it needs no inputs that require 
 a frozen base under LoRA, and its gradients equal those without it (tests/test_lora.py pins both).
 
 Attention `auto` is transformers' own choice (sdpa where the model supports it, else eager); with
-`data.packing`, its sdpa runs once per packed example (`loop/attention.py`); `sdpa` named is transformers' own. LoRA's "all-linear" is
-resolved here so that it leaves MoE routers out (`all_linear_targets`); docs/models.md lists the
-families tests/test_architectures.py proves.
+`data.packing`, its sdpa runs once per packed example (`loop/attention.py`); `sdpa` named is
+transformers' own. LoRA's "all-linear" is resolved here so that it leaves MoE routers out
+(`all_linear_targets`); docs/models.md lists the families tests/test_architectures.py proves.
 """
 
 from __future__ import annotations
