@@ -106,7 +106,7 @@ def section(form: str, cases: list[dict], kills: dict | None, examples: dict | N
              f"`{command}` ran `pytest {' '.join(SUITES)} -q{' --long' if args.long else ''}` in "
              f"{elapsed / 60:.1f} min; pytest exit status {code}.", ""]
 
-    lines += ["### Kill anywhere", ""]
+    lines += [f"### Kill anywhere, {form} form", ""]
     if kills:
         landed = kills.get("landed", {})
         lines += [f"Seed {kills['seed']}: **{_n(kills['trials'], 'kill trial')}** (SIGKILL) in "
@@ -121,7 +121,7 @@ def section(form: str, cases: list[dict], kills: dict | None, examples: dict | N
     else:
         lines += ["No statistics: the kill test did not run (deselected, or it failed before writing them).", ""]
 
-    lines += ["### Property tests", ""]
+    lines += [f"### Property tests, {form} form", ""]
     if examples:
         lines += [f"Hypothesis ran **{examples.get('passed', 0) + examples.get('failed', 0)} examples** "
                   f"({examples.get('failed', 0)} failing) of generated job files and data records; "
@@ -133,7 +133,7 @@ def section(form: str, cases: list[dict], kills: dict | None, examples: dict | N
     for case in cases:
         by_category[category_of(case)][case["outcome"]] += 1
     order = [*CATEGORIES.values(), SIGNALS]
-    lines += ["### Outcomes", "", "| category | tests | passed | failed | skipped | xfailed |",
+    lines += [f"### Outcomes, {form} form", "", "| category | tests | passed | failed | skipped | xfailed |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in sorted(by_category, key=lambda n: order.index(n) if n in order else len(order)):
         counts = by_category[name]
