@@ -21,8 +21,7 @@ README_MAX_LINES = 250
 # Folders whose Markdown is not ours to keep tidy (virtual environment, caches, build outputs, runs).
 SKIPPED_DIRS = {".git", ".venv", "venv", "node_modules", "build", "dist", ".pytest_cache", "__pycache__",
                 "outputs", "tiny-model"}
-# Generated result files: scripts/reliability_figures.py writes a "## Short form" and a "## Long form"
-# section with the same "### Kill anywhere" / "### Outcomes" subsections, by design.
+# Generated result files (bench/run_all.py and scripts/reliability_figures.py write them), not edited by hand.
 SKIPPED_PATHS = {("bench", "results")}
 
 FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
