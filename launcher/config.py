@@ -351,6 +351,12 @@ class JobConfig:
         num_batches = math.ceil(num_train_rows / self.hyperparams.batch_size)
         return self.total_steps(math.ceil(num_batches / num_processes))
 
+    def runs_sdpa_per_example(self) -> bool:
+        """Packed rows under `auto` run SDPA once per example (loop/attention.py), except with a model
+        folder's own code (`model.trust_remote_code`), whose forward may not take the boundaries."""
+        m = self.model
+        return self.data.packing and m.attn_implementation == "auto" and not m.trust_remote_code
+
     @property
     def output_path(self) -> Path:
         return Path(self.output.output_dir)

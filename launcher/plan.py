@@ -222,9 +222,9 @@ class Setup:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     attention_mask: bool = False
-    """Whether batches carry an attention mask (padding, or packing under `sdpa` named; under `auto`
-    packed rows go to SDPA once per example, without one): SDPA then repeats the key/value heads to
-    the query heads before saving them."""
+    """Whether batches carry an attention mask (padding, or packed rows not run once per example,
+    `JobConfig.runs_sdpa_per_example`): SDPA then repeats the key/value heads to the query heads
+    before saving them."""
     device: str = "cuda"
 
     # --- derived ------------------------------------------------------------------------------
@@ -765,8 +765,8 @@ def setup_from_job(config: JobConfig, shape: ModelShape, topology: Topology, *, 
         modules_to_save=tuple(lora.modules_to_save), load_in_4bit=m.load_in_4bit and lora.enabled,
         optimizer=h.optimizer, loss=loss, gradient_checkpointing=m.gradient_checkpointing,
         attn_implementation=m.attn_implementation,
-        attention_mask=config.data.packing and m.attn_implementation == "sdpa" or h.batch_size > 1 and not
-        config.data.packing, device=device)
+        attention_mask=not config.runs_sdpa_per_example() if config.data.packing else h.batch_size > 1,
+        device=device)
 
 
 def load_shape(model_path: str, trust_remote_code: bool = False) -> tuple[ModelShape, list[Tensor] | None]:

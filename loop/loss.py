@@ -126,7 +126,8 @@ def _fused_problem(model, accelerator) -> str | None:
     if head is None or type(head) is not torch.nn.Linear:
         name = type(head).__name__ if head is not None else "none"
         return f"the output layer is a {name}, not a plain nn.Linear (LoRA, modules_to_save or 4-bit)"
-    changed = [name for name in LOGIT_TRANSFORMS if getattr(_base_config(model, accelerator), name, None) not in (None, 1, 1.0)]
+    config = getattr(accelerator.unwrap_model(model), "config", None)
+    changed = [name for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
     if changed or not _probe_matches(model, head, accelerator):
         return (f"the model changes its logits after the output layer (soft-capping or scaling"
                 f"{': ' + ', '.join(changed) if changed else ''})")
@@ -137,11 +138,6 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 """Config attributes of transformers models that transform the logits after the output layer
 (Gemma 2/3, Cohere, Granite, ...). The probe forward catches them too, except where the logits of a
 freshly initialised model are too small for soft-capping to show in 16-bit precision."""
-
-
-def _base_config(model, accelerator):
-    base = accelerator.unwrap_model(model)
-    return getattr(base, "config", None)
 
 
 def _output_layer(model, accelerator):

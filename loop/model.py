@@ -35,7 +35,6 @@ import torch
 
 from launcher.config import PRECISIONS, ConfigError, JobConfig
 from loop.attention import use_packed_sdpa
-from loop.data.batches import runs_sdpa_per_example
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def build_model(config: JobConfig, tokenizer):
     attention = None if m.attn_implementation == "auto" else m.attn_implementation
     model = _from_pretrained(m.model_path, dtype=DTYPES.get(m.dtype, torch.float32), attn_implementation=attention,
                              trust_remote_code=m.trust_remote_code, **kwargs)
-    if runs_sdpa_per_example(config) and use_packed_sdpa(model):
+    if config.runs_sdpa_per_example() and use_packed_sdpa(model):
         logger.info("attention: sdpa once per packed example, skipping the masked work between them "
                     "(model.attn_implementation = %r)", m.attn_implementation)
     else:

@@ -179,11 +179,4 @@ def build_dataloader(dataset, config, tokenizer, shuffle: bool = True, batch_siz
 def sends_sequence_boundaries(config) -> bool:
     """Packed batches carry their examples' boundaries for flash attention's varlen kernel and for
     SDPA once per example."""
-    return config.model.attn_implementation.startswith("flash_attention") or runs_sdpa_per_example(config)
-
-
-def runs_sdpa_per_example(config) -> bool:
-    """Packed rows under `auto` run SDPA once per example (loop/attention.py), except with a model
-    folder's own code (`model.trust_remote_code`), whose forward may not take the boundaries."""
-    m = config.model
-    return config.data.packing and m.attn_implementation == "auto" and not m.trust_remote_code
+    return config.model.attn_implementation.startswith("flash_attention") or config.runs_sdpa_per_example()
