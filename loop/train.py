@@ -544,13 +544,18 @@ def preview_step(run: Run) -> None:
 
 
 def _save_and_stop(run: Run, stop: StopFlag) -> None:
+    """Every rank comes here at the same step; the message names what asked for the stop, and on which
+    rank when it was not this one (a scheduler may signal one process only)."""
+    from accelerate.utils import gather_object
+
     checkpointer, progress = run.checkpointer, run.progress
+    asked = gather_object([stop.signal_name])  # a collective, once per run: every rank is here
+    cause = stop.signal_name or next(f"{name} on rank {rank}" for rank, name in enumerate(asked) if name)
     if progress.step == 0:  # asked to stop while loading: nothing trained, nothing to save
-        raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} before the first step; "
-                        "rerun the same command to start")
+        raise Preempted(f"stopped by {cause} before the first step; rerun the same command to start")
     path = checkpointer.save(progress) if checkpointer.last_step != progress.step else checkpointer.last_path
-    raise Preempted(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {progress.step}; "
-                    f"checkpoint {path}; rerun the same command to resume")
+    raise Preempted(f"stopped by {cause} at step {progress.step}; checkpoint {path}; rerun the same command "
+                    "to resume")
 
 
 def finish(accelerator, run: Run | None, run_dir: RunDir, result: TrainingResult, started: float) -> TrainingResult:
@@ -570,18 +575,20 @@ def finish(accelerator, run: Run | None, run_dir: RunDir, result: TrainingResult
                                  run.peak_flops) if run and elapsed else None,
                       "peak_memory_bytes": peak_memory_bytes(),
                       "total_steps": run.total_steps if run else None}
-    if _should_write_result(accelerator, result, run_dir.path):
+    preempted = bool(run and run.summary.get("preempted"))
+    if _should_write_result(accelerator, result, run_dir.path, preempted):
         run_dir.write_result(result)
     return result
 
 
-def _should_write_result(accelerator, result: TrainingResult, output_dir: Path) -> bool:
+def _should_write_result(accelerator, result: TrainingResult, output_dir: Path, preempted: bool) -> bool:
     """The main process writes the result; a rank that failed on its own writes its failure too.
 
-    A rank whose failure is only the echo of another rank's (a broken collective) leaves an
-    existing failure result alone, so result.json names the rank that failed first.
+    A stop is shared by all ranks at the same step, so only the main process writes it. A rank
+    whose failure is only the echo of another rank's (a broken collective) leaves an existing
+    failure result alone, so result.json names the rank that failed first.
     """
-    if result.success:
+    if result.success or preempted:
         return accelerator.is_main_process
     echo = any(word in (result.error or "") for word in ("Connection closed", "Connection reset", "Gloo", "NCCL",
                                                          "DistBackendError", "timed out"))

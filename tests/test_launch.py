@@ -111,6 +111,57 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run
     assert_same_weights(final_weights(whole.output_path), final_weights(output), rel=0.0)
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_the_result_names_that_rank(tmp_path, tiny_model_dir):
+    # A scheduler may signal one process only. The other rank hears of it in the step's all-reduce;
+    # both save at the same step, and result.json (the main process's alone) says where the signal went.
+    stopped = job(tmp_path, tiny_model_dir, chat_records(12), **{"hyperparams.num_epochs": 30,
+                                                                 "hyperparams.save_steps": 1000,
+                                                                 "launch.num_processes": 2})
+    output = tmp_path / "out"
+    process = subprocess.Popen(launcher_command("run", stopped), cwd=REPO, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: _has_trained(output), timeout=120, interval=0.05), "no step 3 within 2 minutes"
+        os.kill(_descendant_with_rank(process.pid, 1), signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == EXIT_PREEMPTED, out[-3000:]
+    result = json.loads((output / "result.json").read_text())
+    assert result["error"].startswith("preempted: stopped by SIGTERM on rank 1 at step "), result["error"]
+    checkpoint = Path(result["last_checkpoint_path"])
+    assert (checkpoint / COMPLETE_MARKER).exists()
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert json.loads((output / "status.json").read_text())["status"] == "preempted"
+
+
+def _descendant_with_rank(ancestor: int, rank: int) -> int:
+    """The pid of the process under `ancestor` whose environment has RANK=`rank` (a launched worker)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    for pid in parents:
+        chain, parent = set(), parents.get(pid)
+        while parent and parent not in chain and parent != ancestor:
+            chain.add(parent)
+            parent = parents.get(parent)
+        if parent != ancestor:
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no process with RANK={rank} under {ancestor}")
+
+
 def _has_trained(output: Path) -> bool:
     status = output / "status.json"
     try:
