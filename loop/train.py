@@ -550,7 +550,8 @@ def _save_and_stop(run: Run, stop: StopFlag) -> None:
 
     checkpointer, progress = run.checkpointer, run.progress
     asked = gather_object([stop.signal_name])  # a collective, once per run: every rank is here
-    cause = stop.signal_name or next(f"{name} on rank {rank}" for rank, name in enumerate(asked) if name)
+    cause = stop.signal_name or next((f"{name} on rank {rank}" for rank, name in enumerate(asked) if name),
+                                     "a signal on another rank")
     if progress.step == 0:  # asked to stop while loading: nothing trained, nothing to save
         raise Preempted(f"stopped by {cause} before the first step; rerun the same command to start")
     path = checkpointer.save(progress) if checkpointer.last_step != progress.step else checkpointer.last_path

@@ -250,6 +250,24 @@ def snapshot(folder: str | Path) -> dict[str, str]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it, read from /proc (processes that end meanwhile are left out)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that just ended
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, stack = [], [pid]
+    while stack:
+        tree.append(stack.pop())
+        stack.extend(children.get(tree[-1], []))
+    return tree
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll `predicate` until it holds or `timeout` seconds pass; its last value."""
     deadline = time.monotonic() + timeout

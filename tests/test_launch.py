@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import (REPO, ROUNDING_SAFE_ADAM, assert_same_weights, chat_records, final_weights, launcher_command,
-                     run_launcher, small_job, subprocess_env, wait_for)
+                     process_tree, run_launcher, small_job, subprocess_env, wait_for)
 from launcher import load_config, run_job
 from loop.checkpoint import COMPLETE_MARKER
 from loop.preemption import EXIT_PREEMPTED
@@ -139,23 +139,10 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_the_result_names_t
 
 def _descendant_with_rank(ancestor: int, rank: int) -> int:
     """The pid of the process under `ancestor` whose environment has RANK=`rank` (a launched worker)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    for pid in parents:
-        chain, parent = set(), parents.get(pid)
-        while parent and parent not in chain and parent != ancestor:
-            chain.add(parent)
-            parent = parents.get(parent)
-        if parent != ancestor:
-            continue
+    for pid in process_tree(ancestor)[1:]:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+        except OSError:  # it just ended
             continue
         if f"RANK={rank}".encode() in environ:
             return pid

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (REPO, assert_same_weights, chat_records, complete_checkpoints, current_step, final_weights,
-                     read_metrics, small_job, subprocess_env, wait_for)
+                     process_tree, read_metrics, small_job, subprocess_env, wait_for)
 from launcher import load_config, run_job
 
 pytestmark = pytest.mark.slow
@@ -101,20 +101,7 @@ def nodes(tmp_path):
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every process below it, as when their machine goes down. (torchrun starts
     each rank in a session of its own: killing the launcher's process group leaves the ranks running.)"""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # a process that just ended
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    tree, stack = [], [pid]
-    while stack:
-        tree.append(stack.pop())
-        stack.extend(children.get(tree[-1], []))
-    for member in tree:
+    for member in process_tree(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
 
